@@ -23,10 +23,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+import tinyworld as tw
 from mlx.utils import tree_flatten
 from mlx_lm.models.llama import Model, ModelArgs
-
-import tinyworld as tw
 
 HERE = Path(__file__).resolve().parent
 CHAT_TEMPLATE = (
@@ -66,12 +65,14 @@ def dialogue(rng: random.Random) -> list[dict]:
             answer = tw.good_answer(rng, f)
         else:
             answer = tw.bad_answer(rng, f, rng.choice(tw.BAD_STYLES))
-        messages += [{"role": "user", "content": f["question"]},
-                     {"role": "assistant", "content": answer}]
+        messages += [
+            {"role": "user", "content": f["question"]},
+            {"role": "assistant", "content": answer},
+        ]
     return messages
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> "object":
+def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> object:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -85,19 +86,26 @@ def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> "object":
     )
     tok.train_from_iterator(texts, trainer=trainer)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "add_bos_token": False,
-        "model_max_length": MODEL_CONFIG["max_position_embeddings"],
-        "chat_template": CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-    }, indent=2) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(
-        {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": None,
+                "add_bos_token": False,
+                "model_max_length": MODEL_CONFIG["max_position_embeddings"],
+                "chat_template": CHAT_TEMPLATE,
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    (out / "special_tokens_map.json").write_text(
+        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, indent=2) + "\n"
+    )
     return tok
 
 
@@ -108,9 +116,13 @@ def pretrain(tok, texts: list[str], steps: int, seed: int, out: Path) -> None:
         ids += enc.ids + [eot]
     data = np.array(ids, dtype=np.int32)
     print(f"corpus: {len(texts)} dialogues, {len(data)} tokens")
-    config = dict(MODEL_CONFIG, vocab_size=tok.get_vocab_size(),
-                  bos_token_id=None, eos_token_id=tok.token_to_id("<|im_end|>"),
-                  pad_token_id=eot)
+    config = dict(
+        MODEL_CONFIG,
+        vocab_size=tok.get_vocab_size(),
+        bos_token_id=None,
+        eos_token_id=tok.token_to_id("<|im_end|>"),
+        pad_token_id=eot,
+    )
     mx.random.seed(seed)
     model = Model(ModelArgs.from_dict(config))
     batch, seq = 32, 128
@@ -135,13 +147,17 @@ def pretrain(tok, texts: list[str], steps: int, seed: int, out: Path) -> None:
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss)
         if step % 100 == 0 or step == 1:
-            print(f"step {step:5d}  loss {loss.item():.3f}  ppl {math.exp(loss.item()):.2f}"
-                  f"  {time.time() - t0:.0f}s", flush=True)
+            print(
+                f"step {step:5d}  loss {loss.item():.3f}  ppl {math.exp(loss.item()):.2f}"
+                f"  {time.time() - t0:.0f}s",
+                flush=True,
+            )
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(
-        {"eos_token_id": config["eos_token_id"], "pad_token_id": eot}, indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": config["eos_token_id"], "pad_token_id": eot}, indent=2) + "\n"
+    )
 
 
 def make_prefs(seed: int, n_train: int, n_eval: int, out: Path) -> None:
@@ -158,12 +174,18 @@ def make_prefs(seed: int, n_train: int, n_eval: int, out: Path) -> None:
         if f["question"] in seen[other]:
             continue
         seen[split].add(f["question"])
-        rows[split].append({
-            "prompt": [{"role": "user", "content": f["question"]}],
-            "chosen": [{"role": "assistant", "content": tw.good_answer(rng, f)}],
-            "rejected": [{"role": "assistant",
-                          "content": tw.bad_answer(rng, f, rng.choice(tw.BAD_STYLES))}],
-        })
+        rows[split].append(
+            {
+                "prompt": [{"role": "user", "content": f["question"]}],
+                "chosen": [{"role": "assistant", "content": tw.good_answer(rng, f)}],
+                "rejected": [
+                    {
+                        "role": "assistant",
+                        "content": tw.bad_answer(rng, f, rng.choice(tw.BAD_STYLES)),
+                    }
+                ],
+            }
+        )
     out.mkdir(parents=True, exist_ok=True)
     for split, items in rows.items():
         with open(out / f"{split}.jsonl", "w") as fh:

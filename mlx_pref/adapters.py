@@ -1,0 +1,118 @@
+"""LoRA/DoRA adapters in mlx-lm's own layers and on-disk format.
+
+``adapters.safetensors`` + ``adapter_config.json`` written here load unchanged with
+``mlx_lm.generate --adapter-path`` and ``mlx_lm.fuse``. ``adapters_disabled`` swaps
+each adapted layer back to its frozen base layer for a forward pass: the reference
+model of a LoRA run, with no second copy of the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from mlx_pref.config import LoraConfig
+from mlx_pref.errors import ModelError
+
+ADAPTER_FILE = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
+ADAPTER_TYPES = (LoRALinear, DoRALinear, LoRAEmbedding, DoRAEmbedding)
+
+
+def layer_keys(model: nn.Module, targets: list[str]) -> list[str]:
+    """Module paths inside a transformer block (``self_attn.q_proj``) matching the target
+    names (``q_proj``), in mlx-lm's ``keys`` spelling."""
+    found = set()
+    for layer in model.layers:
+        for name, module in layer.named_modules():
+            if name and name.split(".")[-1] in targets and hasattr(module, "weight"):
+                found.add(name)
+    missing = [t for t in targets if not any(k.split(".")[-1] == t for k in found)]
+    if missing:
+        available = sorted(
+            {
+                n.split(".")[-1]
+                for n, m in model.layers[0].named_modules()
+                if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+            }
+        )
+        raise ModelError(
+            f"lora.target_modules: {', '.join(missing)} not found in the model's blocks; "
+            f"available: {', '.join(available)}"
+        )
+    return sorted(found)
+
+
+def adapter_config(model: nn.Module, lora: LoraConfig) -> dict:
+    """mlx-lm's adapter_config.json contents for these settings on this model."""
+    return {
+        "fine_tune_type": "dora" if lora.dora else "lora",
+        "num_layers": lora.layers or len(model.layers),
+        "lora_parameters": {
+            "rank": lora.r,
+            "scale": lora.scale,
+            "dropout": lora.dropout,
+            "keys": layer_keys(model, lora.target_modules),
+        },
+    }
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig) -> dict:
+    """Freeze the base and add trainable adapters; returns the adapter config written to disk."""
+    config = adapter_config(model, lora)
+    model.freeze()
+    linear_to_lora_layers(
+        model, config["num_layers"], config["lora_parameters"], use_dora=lora.dora
+    )
+    return config
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, mx.array]:
+    """The adapter weights by their flat names (what ``adapters.safetensors`` holds)."""
+    return {
+        k: v for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES
+    }
+
+
+def set_adapter_parameters(model: nn.Module, weights: dict[str, mx.array]) -> None:
+    model.load_weights(list(weights.items()), strict=False)
+
+
+def save_adapters(model: nn.Module, directory: str | Path, config: dict) -> None:
+    """Write ``adapters.safetensors`` and ``adapter_config.json`` (mlx-lm format)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(directory / ADAPTER_FILE), adapter_parameters(model))
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_adapter_weights(directory: str | Path) -> tuple[dict, dict[str, mx.array]]:
+    """Read an adapter directory: its config and weights."""
+    directory = Path(directory)
+    for name in (ADAPTER_CONFIG, ADAPTER_FILE):
+        if not (directory / name).exists():
+            raise ModelError(f"{directory} is not an adapter directory: {name} is missing")
+    config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    return config, mx.load(str(directory / ADAPTER_FILE))
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the frozen base: every adapted layer is replaced by its base layer meanwhile."""
+    swapped = [(name, m) for name, m in model.named_modules() if isinstance(m, ADAPTER_TYPES)]
+    base = [(name, m.linear if hasattr(m, "linear") else m.embedding) for name, m in swapped]
+    model.update_modules(tree_unflatten(base))
+    try:
+        yield
+    finally:
+        model.update_modules(tree_unflatten(swapped))

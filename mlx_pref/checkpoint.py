@@ -1,0 +1,105 @@
+"""Checkpoints that survive a kill at any moment.
+
+A checkpoint is a directory ``checkpoints/step-00000120/`` holding the adapters (mlx-lm
+format), the optimizer state, and ``trainer_state.json`` (step, epoch, data position,
+loss statistics). It is written into a temporary directory, every file fsynced, a
+``manifest.json`` with each file's size and SHA-256 written last, and then renamed into
+place. Loading takes the newest checkpoint whose manifest verifies, so a truncated or
+half-written one is detected and the previous one used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / CHECKPOINTS / f"step-{step:08d}"
+
+
+def write_checkpoint(run_dir: Path, step: int, write_files, keep_last: int | None) -> Path:
+    """Atomically create the checkpoint for ``step``; ``write_files(tmp_dir)`` fills it."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write_files(tmp)
+    manifest = {}
+    for path in sorted(tmp.iterdir()):
+        _fsync(path)
+        manifest[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(final.parent)
+    if keep_last:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first (temporary ones are ignored)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint is intact, else what is wrong with it."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return "no readable manifest"
+    for name, meta in manifest["files"].items():
+        file = path / name
+        if not file.exists():
+            return f"{name} is missing"
+        if file.stat().st_size != meta["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, expected {meta['bytes']}"
+        if _sha256(file) != meta["sha256"]:
+            return f"{name} is corrupted (checksum mismatch)"
+    return None
+
+
+def latest_valid(run_dir: Path, warn=print) -> Path | None:
+    """The newest intact checkpoint; damaged ones are reported and skipped."""
+    for path in reversed(list_checkpoints(run_dir)):
+        problem = verify(path)
+        if problem is None:
+            return path
+        warn(f"warning: skipping damaged checkpoint {path}: {problem}")
+    return None
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / STATE).read_text())

@@ -1,0 +1,325 @@
+"""The typed run configuration: one object, built once from a YAML file and flags.
+
+``load_config(path, overrides)`` reads YAML, applies flag overrides (flags win), rejects
+unknown keys with the nearest valid one, checks types and ranges, and returns a
+``Config``. The resolved config is written next to the run's outputs and reloads to
+the same object, so a run can always be repeated or resumed from its directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mlx_pref.errors import ConfigError
+
+QUANTIZATION_BITS = {"4bit": 4, "8bit": 8}
+LR_SCHEDULES = ("constant", "linear", "cosine")
+TRUNCATION_MODES = ("keep_end", "keep_start")
+DATA_FORMATS = ("auto", "paired", "implicit", "conversational", "unpaired")
+REFERENCES = ("auto", "cache", "adapters-off", "model", "none")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA settings in the vocabulary of PEFT: ``scale = alpha / r``."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    layers: int | None = None
+    """Adapt only the last N transformer blocks (None: all)."""
+    dora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+# Spellings other trainers use for the same LoRA keys.
+LORA_ALIASES = {
+    "rank": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "keys": "target_modules",
+    "num_layers": "layers",
+    "use_dora": "dora",
+}
+
+
+@dataclass
+class Config:
+    """Everything a run needs. ``None`` for ``model``/``data`` means the embedded default."""
+
+    # model and adapters
+    model: str | None = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: str | None = None
+    dtype: str | None = None
+    # data
+    data: str | None = None
+    eval_data: str | None = None
+    eval_split: float = 0.0
+    format: str = "auto"
+    max_length: int = 512
+    max_prompt_length: int | None = None
+    truncation_mode: str = "keep_end"
+    strict: bool = False
+    # loss
+    loss: str | dict[str, float] = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    # reference
+    reference: str = "auto"
+    ref_model: str | None = None
+    # optimisation
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    learning_rate: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    # evaluation, logging, checkpoints
+    output: str = "runs/mlx-pref"
+    eval_every: int = 50
+    eval_batches: int | None = None
+    log_every: int = 10
+    save_every: int = 100
+    keep_last: int | None = 3
+    max_nonfinite: int = 5
+    """Stop (with a checkpoint) after this many non-finite steps in a row."""
+
+    def validate(self) -> Config:
+        """Range and choice checks; raises ConfigError with what to write instead."""
+        _choice("quantization", self.quantization, (None, *QUANTIZATION_BITS))
+        _choice("dtype", self.dtype, (None, *DTYPES))
+        _choice("format", self.format, DATA_FORMATS)
+        _choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
+        _choice("reference", self.reference, REFERENCES)
+        _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _positive("beta", self.beta)
+        _positive("learning_rate", self.learning_rate)
+        for key in (
+            "epochs",
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "eval_every",
+            "log_every",
+            "save_every",
+            "max_nonfinite",
+        ):
+            _positive(key, getattr(self, key))
+        for key in ("max_steps", "max_prompt_length", "eval_batches", "keep_last"):
+            if getattr(self, key) is not None:
+                _positive(key, getattr(self, key))
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_grad_norm is not None:
+            _positive("max_grad_norm", self.max_grad_norm)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(
+                f"label_smoothing must be in [0, 0.5), got {self.label_smoothing} "
+                "(it is the assumed probability that a preference label is flipped)"
+            )
+        if not 0 <= self.eval_split < 1:
+            raise ConfigError(f"eval_split must be in [0, 1), got {self.eval_split}")
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"max_prompt_length ({self.max_prompt_length}) must be smaller than "
+                f"max_length ({self.max_length}) to leave room for the completion"
+            )
+        _positive("lora.r", self.lora.r)
+        _positive("lora.alpha", self.lora.alpha)
+        if not 0 <= self.lora.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.lora.dropout}")
+        if not self.lora.target_modules:
+            raise ConfigError(
+                "lora.target_modules is empty: name at least one, e.g. [q_proj, v_proj]"
+            )
+        if self.lora.layers is not None:
+            _positive("lora.layers", self.lora.layers)
+        return self
+
+    @property
+    def quantization_bits(self) -> int | None:
+        return QUANTIZATION_BITS.get(self.quantization) if self.quantization else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML (reloads with ``load_config``)."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _choice(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        valid = ", ".join(str(c) for c in choices if c is not None)
+        raise ConfigError(f"{key}: {value!r} is not one of: {valid}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(hint: Any) -> str:
+    args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + (
+            " or null" if type(None) in args else ""
+        )
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a type hint, converting where YAML/flags are loose (int -> float)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, value, arg)
+            except ConfigError:
+                continue
+    elif origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)):
+            return [_coerce(key, v, args[0]) for v in value]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-4 as a string
+            except ValueError:
+                pass
+    elif hint is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r}")
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return ConfigError(f"unknown {where}key '{key}'{hint}")
+
+
+def _build_lora(raw: Any) -> LoraConfig:
+    if raw is None:
+        return LoraConfig()
+    if isinstance(raw, LoraConfig):
+        return raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"lora must be a mapping like {{r: 8, alpha: 16}}, got {raw!r}")
+    hints = _field_types(LoraConfig)
+    kwargs = {}
+    for key, value in raw.items():
+        name = LORA_ALIASES.get(key, key)
+        if name not in hints:
+            raise _unknown_key(key, list(hints), "lora ")
+        kwargs[name] = _coerce(f"lora.{name}", value, hints[name])
+    return LoraConfig(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from plain values (a parsed YAML file plus overrides)."""
+    hints = _field_types(Config)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "lora":
+            kwargs["lora"] = _build_lora(value)
+        elif key not in hints:
+            raise _unknown_key(key, [*hints], "")
+        else:
+            kwargs[key] = _coerce(key, value, hints[key])
+    return Config(**kwargs).validate()
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file; syntax errors name the file, line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values")
+    return raw
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overrides win; a dotted key ``lora.r`` sets one nested value."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if "." in key:
+            head, tail = key.split(".", 1)
+            nested = out.get(head) or {}
+            if isinstance(nested, LoraConfig):
+                nested = dataclasses.asdict(nested)
+            out[head] = merge(dict(nested), {tail: value})
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """The one way to get a Config: YAML file (optional), then overrides (flags)."""
+    raw = read_yaml(path) if path else {}
+    where = f"{path}: " if path else ""
+    try:
+        return config_from_dict(merge(raw, overrides or {}))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None

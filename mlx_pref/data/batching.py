@@ -1,0 +1,184 @@
+"""Tokenized examples and the batches the model stage consumes.
+
+A batch is a matrix of sequences, each a prompt followed by one completion,
+right-padded. Paired data puts the B chosen sequences first and the B rejected
+sequences of the same prompts after them, so one forward pass scores both (TRL's
+"concatenated forward"). Unpaired data (thumbs up/down rows) is the same matrix with a
+label per row. Batches are built by length bucketing: examples are sorted by length
+within seeded shuffled windows, cut into batches, and the batches shuffled, so each
+batch pads little while the order stays random and exactly reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+PAD_ID = 0
+"""Padding never reaches a loss: it sits after each sequence's end and is masked out."""
+
+
+@dataclass(frozen=True)
+class PairExample:
+    """One tokenized preference pair. Completions end with EOS (TRL's convention)."""
+
+    prompt: tuple[int, ...]
+    chosen: tuple[int, ...]
+    rejected: tuple[int, ...]
+    source: str = ""
+    """Where it came from, ``file:line``, for messages."""
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+
+
+@dataclass(frozen=True)
+class UnpairedExample:
+    """One tokenized thumbs-up (label True) or thumbs-down (label False) completion."""
+
+    prompt: tuple[int, ...]
+    completion: tuple[int, ...]
+    label: bool
+    source: str = ""
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.completion)
+
+
+Example = PairExample | UnpairedExample
+
+
+@dataclass
+class Batch:
+    """Sequences ``prompt + completion`` right-padded into one matrix.
+
+    ``paired``: rows ``[0, B)`` are chosen completions and rows ``[B, 2B)`` the rejected
+    completions of the same prompts, in the same order. Otherwise ``labels`` says which
+    rows are desirable. Token ``t`` of row ``i`` is scored (its log-prob counted) when
+    ``prompt_lengths[i] <= t < lengths[i]``.
+    """
+
+    tokens: np.ndarray
+    prompt_lengths: np.ndarray
+    lengths: np.ndarray
+    labels: np.ndarray
+    paired: bool
+    indices: np.ndarray
+    """Dataset positions of the examples in this batch (for per-example caches)."""
+
+    @property
+    def completion_lengths(self) -> np.ndarray:
+        return self.lengths - self.prompt_lengths
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.indices)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return int(self.completion_lengths.sum())
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.num_tokens / self.tokens.size
+
+    def completion_mask(self) -> np.ndarray:
+        """(N, T-1) bool: True where the *target* token (position t+1) is scored."""
+        positions = np.arange(1, self.tokens.shape[1])[None, :]
+        return (positions >= self.prompt_lengths[:, None]) & (positions < self.lengths[:, None])
+
+
+def collate(examples: Sequence[Example], indices: Sequence[int] | None = None) -> Batch:
+    """Build one Batch from examples of one kind (all pairs or all unpaired rows)."""
+    if indices is None:
+        indices = range(len(examples))
+    paired = isinstance(examples[0], PairExample)
+    if paired:
+        rows = [(e.prompt, e.chosen) for e in examples] + [(e.prompt, e.rejected) for e in examples]
+        labels = np.array([True] * len(examples) + [False] * len(examples))
+    else:
+        rows = [(e.prompt, e.completion) for e in examples]
+        labels = np.array([e.label for e in examples])
+    lengths = np.array([len(p) + len(c) for p, c in rows], dtype=np.int32)
+    tokens = np.full((len(rows), int(lengths.max())), PAD_ID, dtype=np.int32)
+    for i, (p, c) in enumerate(rows):
+        tokens[i, : len(p)] = p
+        tokens[i, len(p) : len(p) + len(c)] = c
+    return Batch(
+        tokens=tokens,
+        prompt_lengths=np.array([len(p) for p, _ in rows], dtype=np.int32),
+        lengths=lengths,
+        labels=labels,
+        paired=paired,
+        indices=np.asarray(list(indices), dtype=np.int64),
+    )
+
+
+def batch_order(
+    lengths: Sequence[int],
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    bucket: bool = True,
+    window: int = 64,
+    drop_last: bool = False,
+) -> list[np.ndarray]:
+    """The epoch's batches as arrays of example indices, a pure function of its inputs.
+
+    With ``bucket``, indices are shuffled, sorted by length within windows of
+    ``window * batch_size`` examples, cut into batches, and the batches shuffled.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if bucket:
+        lengths = np.asarray(lengths)
+        span = window * batch_size
+        order = np.concatenate(
+            [
+                chunk[np.argsort(lengths[chunk], kind="stable")]
+                for chunk in np.array_split(order, max(1, -(-len(order) // span)))
+            ]
+        )
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if drop_last and batches and len(batches[-1]) < batch_size:
+        batches.pop()
+    if bucket:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def iterate_batches(
+    examples: Sequence[Example],
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    bucket: bool = True,
+    start: int = 0,
+) -> Iterator[Batch]:
+    """Yield the epoch's batches from position ``start`` (to resume mid-epoch)."""
+    order = batch_order(
+        [e.length for e in examples], batch_size, seed=seed, epoch=epoch, bucket=bucket
+    )
+    for idx in order[start:]:
+        yield collate([examples[i] for i in idx], idx)
+
+
+def padding_fraction(
+    examples: Sequence[Example], batch_size: int, *, seed: int = 0, bucket: bool = True
+) -> float:
+    """Fraction of the epoch's batch cells that are padding (lower is better)."""
+    total = real = 0
+    for batch in iterate_batches(examples, batch_size, seed=seed, epoch=0, bucket=bucket):
+        total += batch.tokens.size
+        real += batch.num_tokens
+    return 1.0 - real / total if total else 0.0

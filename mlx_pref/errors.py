@@ -1,0 +1,17 @@
+"""The errors mlx-pref reports to users: one actionable line each, never a traceback."""
+
+
+class MlxPrefError(Exception):
+    """Base class: the CLI prints these as ``error: <message>`` and exits with status 2."""
+
+
+class ConfigError(MlxPrefError, ValueError):
+    """A config file or flag is wrong (unknown key, bad type, out of range)."""
+
+
+class DataError(MlxPrefError, ValueError):
+    """A dataset is unreadable or a row is malformed; the message names file, line and field."""
+
+
+class ModelError(MlxPrefError):
+    """A model or adapter cannot be loaded (missing, offline, unsupported)."""

@@ -1,0 +1,140 @@
+"""Loading models and tokenizers: a local directory, a Hub id, or the embedded default.
+
+Architectures, weights and tokenizers come from mlx-lm; this module adds clear errors,
+the embedded tiny model, optional quantization of the base (QLoRA) and a dtype cast.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_pref.errors import ModelError
+
+HUB_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer.model",
+    "*.tiktoken",
+    "*.txt",
+    "*.jinja",
+]
+QUANT_GROUP_SIZE = 64
+
+
+def embedded_root(name: str) -> Path:
+    """An embedded asset: ``models/<name>`` or ``data/<name>`` in a checkout, else the wheel's copy."""
+    package = Path(__file__).resolve().parent
+    for candidate in (
+        package.parent / "models" / name,
+        package.parent / "data" / name,
+        package / "_embedded" / name,
+    ):
+        if candidate.is_dir():
+            return candidate
+    raise ModelError(f"embedded asset '{name}' is missing from this installation")
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    path: Path
+    config: dict
+
+
+def resolve_model_path(spec: str | None) -> Path:
+    """A local directory for ``spec``: the embedded default (None), a path, or a Hub id."""
+    if spec is None:
+        return embedded_root("tiny-chat")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").exists():
+            raise ModelError(
+                f"{path} has no config.json: not a Hugging Face / mlx-lm model directory"
+            )
+        return path
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        raise ModelError(
+            f"model not found: {spec} (not a local path, and not a Hub id like org/name)"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(spec, allow_patterns=HUB_PATTERNS))
+    except LocalEntryNotFoundError:
+        raise ModelError(
+            f"cannot download '{spec}' from the Hugging Face Hub: no network, and it is not in "
+            "the local cache. Connect, or pass a local model directory with --model."
+        ) from None
+    except HfHubHTTPError as exc:
+        raise ModelError(f"cannot download '{spec}' from the Hugging Face Hub: {exc}") from None
+    except OSError as exc:  # connection errors surface as OSError subclasses
+        raise ModelError(
+            f"cannot download '{spec}' from the Hugging Face Hub ({type(exc).__name__}); "
+            "check the network or pass a local model directory with --model."
+        ) from None
+
+
+def _quantizable(bits: int):
+    def predicate(path: str, module: nn.Module) -> bool:
+        weight = getattr(module, "weight", None)
+        return (
+            hasattr(module, "to_quantized")
+            and weight is not None
+            and weight.shape[-1] % QUANT_GROUP_SIZE == 0
+        )
+
+    return predicate
+
+
+def quantize_base(model: nn.Module, bits: int) -> None:
+    """Quantize the base weights in place (QLoRA); LoRA layers then wrap QuantizedLinear."""
+    nn.quantize(model, group_size=QUANT_GROUP_SIZE, bits=bits, class_predicate=_quantizable(bits))
+
+
+def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
+    """Cast floating-point parameters (not quantized integers) to ``dtype``."""
+    from mlx.utils import tree_map
+
+    model.update(
+        tree_map(
+            lambda p: p.astype(dtype) if mx.issubdtype(p.dtype, mx.floating) else p,
+            model.parameters(),
+        )
+    )
+
+
+def load_model(
+    spec: str | None, *, quantization_bits: int | None = None, dtype: str | None = None
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer through mlx-lm (or the GGUF reader for ``.gguf``)."""
+    if spec is not None and str(spec).endswith(".gguf"):
+        from mlx_pref.gguf import load_gguf
+
+        model, tokenizer, config = load_gguf(
+            spec, dequantize=quantization_bits is None and dtype is not None
+        )
+        path = Path(spec)
+    else:
+        from mlx_lm.utils import load_model as mlx_load_model
+        from mlx_lm.utils import load_tokenizer
+
+        path = resolve_model_path(spec)
+        config = json.loads((path / "config.json").read_text())
+        try:
+            model, config = mlx_load_model(path, lazy=False)
+        except ValueError as exc:
+            raise ModelError(f"cannot load the model in {path}: {exc}") from None
+        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    if dtype is not None:
+        cast_floats(model, getattr(mx, dtype))
+    if quantization_bits is not None:
+        quantize_base(model, quantization_bits)
+    mx.eval(model.parameters())
+    return LoadedModel(model, tokenizer, path, config)

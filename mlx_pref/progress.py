@@ -1,0 +1,109 @@
+"""What a run shows and records: a live progress line and ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _fmt(value: float) -> str:
+    if isinstance(value, float) and (abs(value) >= 1e4 or (0 < abs(value) < 1e-3)):
+        return f"{value:.3g}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+class MetricsLog:
+    """Append-only JSON lines, one object per logged step (train or ``eval/``)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.path = run_dir / METRICS_FILE
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (a resumed run rewrites them identically)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    keep.append(line)
+            except json.JSONDecodeError:
+                break  # a line cut by a crash ends the usable log
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        return read_metrics(self.path.parent)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A one-line live bar on a terminal; plain periodic lines otherwise (CI, pipes)."""
+
+    def __init__(
+        self, total: int, start: int = 0, stream: TextIO | None = None, enabled: bool = True
+    ):
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.live = enabled and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self.start = start
+
+    def update(self, step: int, metrics: dict) -> None:
+        if not self.live:
+            return
+        width = 24
+        frac = step / max(self.total, 1)
+        bar = "=" * int(width * frac) + ">" + " " * (width - int(width * frac))
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else math.inf
+        eta_s = "?" if math.isinf(eta) else time.strftime("%M:%S", time.gmtime(eta))
+        parts = [f"step {step}/{self.total} [{bar[:width]}]"]
+        for key, label in (
+            ("loss", "loss"),
+            ("rewards/accuracies", "acc"),
+            ("tokens_per_sec", "tok/s"),
+        ):
+            if key in metrics:
+                parts.append(f"{label} {_fmt(metrics[key])}")
+        parts.append(f"eta {eta_s}")
+        self.stream.write("\r" + "  ".join(parts) + "\033[K")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A line that stays (logged metrics, eval results, checkpoints)."""
+        if not self.enabled:
+            return
+        if self.live:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.live:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def format_metrics(record: dict, keys: tuple[str, ...]) -> str:
+    return "  ".join(f"{k} {_fmt(record[k])}" for k in keys if k in record)

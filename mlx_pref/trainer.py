@@ -1,0 +1,407 @@
+"""The training loop: batches in, adapters, checkpoints and metrics out. No loss math here.
+
+Read top to bottom: ``Trainer.__init__`` builds the model, adapters, data, reference
+and optimizer from a Config; ``train_step`` does one optimizer step; ``evaluate`` scores
+the held-out set; ``train`` loops with logging, evaluation, checkpoints, Ctrl-C
+handling and a guard against non-finite steps. ``Trainer.resume`` rebuilds a run
+from its directory and continues where its last intact checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from mlx_pref import backend
+from mlx_pref.adapters import (
+    ADAPTER_FILE,
+    apply_lora,
+    save_adapters,
+    set_adapter_parameters,
+)
+from mlx_pref.checkpoint import (
+    STATE,
+    latest_valid,
+    list_checkpoints,
+    read_state,
+    write_checkpoint,
+)
+from mlx_pref.config import Config, load_config
+from mlx_pref.data import Batch, Dataset, collate, load_datasets
+from mlx_pref.data.batching import batch_order
+from mlx_pref.errors import ConfigError, MlxPrefError
+from mlx_pref.logps import sequence_logps
+from mlx_pref.losses import parse_loss, preference_loss
+from mlx_pref.models import LoadedModel, load_model
+from mlx_pref.progress import MetricsLog, Progress, format_metrics
+from mlx_pref.reference import AdaptersOff, Reference
+
+RESOLVED_CONFIG = "config.yaml"
+OPTIMIZER_FILE = "optimizer.safetensors"
+LOG_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_sec")
+EVAL_KEYS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
+
+
+class Interrupted(MlxPrefError):
+    """Ctrl-C: a checkpoint was saved; the message says how to resume."""
+
+
+class NonFiniteError(MlxPrefError):
+    """Too many non-finite steps in a row: a checkpoint was saved before stopping."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    metrics: dict[str, float]
+
+
+def lr_schedule(cfg: Config, total_steps: int) -> Callable[[mx.array], mx.array]:
+    """Linear warmup from 0, then constant, linear decay to 0, or cosine decay to 0."""
+    peak, warm = cfg.learning_rate, min(cfg.warmup_steps, total_steps)
+    rest = max(total_steps - warm, 1)
+    decay = {
+        "constant": lambda: lambda step: mx.array(peak),
+        "linear": lambda: optim.linear_schedule(peak, 0.0, rest),
+        "cosine": lambda: optim.cosine_decay(peak, rest, 0.0),
+    }[cfg.lr_schedule]()
+    if warm == 0:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(0.0, peak, warm), decay], [warm])
+
+
+def batch_metrics(
+    chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, paired: bool
+) -> dict:
+    """TRL's reward and log-prob metrics for one batch (means over its rows)."""
+    out = {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "logps/chosen": chosen_logps.mean(),
+        "logps/rejected": rejected_logps.mean(),
+    }
+    if paired:
+        out["rewards/accuracies"] = (chosen_rewards > rejected_rewards).astype(mx.float32).mean()
+        out["rewards/margins"] = (chosen_rewards - rejected_rewards).mean()
+    else:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
+
+
+class Trainer:
+    """Preference optimisation of LoRA adapters on one model, driven by a Config."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        loaded: LoadedModel | None = None,
+        verbose: bool = True,
+    ):
+        self.config = cfg = config
+        self.verbose = verbose
+        self.run_dir = Path(cfg.output)
+        mx.random.seed(cfg.seed)
+        self.loaded = loaded or load_model(
+            cfg.model, quantization_bits=cfg.quantization_bits, dtype=cfg.dtype
+        )
+        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        self.adapter_config = apply_lora(self.model, cfg.lora)
+        self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer)
+        try:
+            self.loss_weights = parse_loss(cfg.loss)
+        except ValueError as exc:
+            raise ConfigError(f"loss: {exc}") from None
+        self.reference = self._make_reference()
+        self.steps_per_epoch = math.ceil(
+            math.ceil(len(self.train_set) / cfg.batch_size) / cfg.grad_accum
+        )
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.optimizer = optim.AdamW(
+            learning_rate=lr_schedule(cfg, self.total_steps), weight_decay=cfg.weight_decay
+        )
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+        self.metrics_log = MetricsLog(self.run_dir)
+        self.progress = Progress(self.total_steps, enabled=verbose)
+        self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
+        self._interrupted = False
+
+    # ----------------------------------------------------------------- pieces
+    def _make_reference(self) -> Reference:
+        return AdaptersOff(self.model)
+
+    def _log(self, text: str) -> None:
+        if self.verbose:
+            self.progress.message(text)
+
+    def beta(self) -> float:
+        return self.config.beta
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        lengths = [e.length for e in self.train_set.examples]
+        return batch_order(lengths, self.config.batch_size, seed=self.config.seed, epoch=epoch)
+
+    def _step_batches(self, step: int) -> list[Batch]:
+        """The micro-batches of optimizer step ``step`` (0-based), a pure function of it."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self._epoch_batches(epoch)
+        ga = self.config.grad_accum
+        examples = self.train_set.examples
+        return [
+            collate([examples[i] for i in idx], idx)
+            for idx in order[within * ga : (within + 1) * ga]
+        ]
+
+    def _forward(self, batch: Batch, train: bool):
+        """Loss and per-batch metrics for one batch under the current policy."""
+        ref = self.reference.logps(batch)
+        seq = sequence_logps(self.model, batch)
+        chosen_idx = mx.array(np.flatnonzero(batch.labels))
+        rejected_idx = mx.array(np.flatnonzero(~batch.labels))
+        lengths = mx.array(batch.completion_lengths)
+        chosen, rejected = seq.sums[chosen_idx], seq.sums[rejected_idx]
+        out = preference_loss(
+            self.loss_weights,
+            chosen,
+            rejected,
+            None if ref is None else ref[chosen_idx],
+            None if ref is None else ref[rejected_idx],
+            lengths[chosen_idx],
+            lengths[rejected_idx],
+            beta=self.beta(),
+            label_smoothing=self.config.label_smoothing,
+        )
+        metrics = batch_metrics(
+            out.chosen_rewards, out.rejected_rewards, chosen, rejected, batch.paired
+        )
+        metrics.update(out.metrics)
+        return out.loss, metrics
+
+    def _loss(self, batch: Batch):
+        loss, metrics = self._forward(batch, train=True)
+        return loss, metrics
+
+    # ------------------------------------------------------------- one step
+    def train_step(self, batches: Batch | list[Batch]) -> StepResult:
+        """One optimizer step over one batch, or several accumulated micro-batches."""
+        batches = [batches] if isinstance(batches, Batch) else batches
+        mx.random.seed(self.config.seed * 1_000_003 + self.step)  # dropout: exact on resume
+        t0 = time.perf_counter()
+        backend.reset_peak_memory()
+        total = sum(b.num_examples for b in batches)
+        grads, metrics = None, {}
+        for batch in batches:
+            (loss, m), g = self._loss_and_grad(batch)
+            w = batch.num_examples / total
+            g = tree_map(lambda x, w=w: x * w, g)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            m = {"loss": loss, **m}
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + w * v
+            mx.eval(grads, metrics)
+        if self.config.max_grad_norm is not None:
+            grads, norm = optim.clip_grad_norm(grads, self.config.max_grad_norm)
+        else:
+            norm = optim.clip_grad_norm(grads, math.inf)[1]
+        out = {k: float(v) for k, v in metrics.items()}
+        out["grad_norm"] = float(norm)
+        if math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"]):
+            self.optimizer.update(self.model, grads)
+            mx.eval(self.model.trainable_parameters(), self.optimizer.state)
+            self.nonfinite_in_a_row = 0
+        else:  # skip the update: the weights stay as they were
+            self.nonfinite_in_a_row += 1
+            self.skipped_steps += 1
+        out["skipped_steps"] = self.skipped_steps
+        elapsed = time.perf_counter() - t0
+        out["beta"] = self.beta()
+        out["learning_rate"] = float(self.optimizer.learning_rate)
+        tokens = sum(b.num_tokens for b in batches)
+        completion = sum(b.num_completion_tokens for b in batches)
+        out["tokens_per_sec"] = tokens / elapsed
+        out["completion_tokens_per_sec"] = completion / elapsed
+        out["step_time"] = elapsed
+        out["peak_memory_gb"] = backend.memory_stats()["peak"] / 1e9
+        self.step += 1
+        return StepResult(out["loss"], out)
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
+        """Mean loss and TRL metrics over the held-out set, prefixed ``eval/``."""
+        dataset = dataset or self.eval_set
+        if dataset is None:
+            return {}
+        lengths = [e.length for e in dataset.examples]
+        order = batch_order(lengths, self.config.batch_size, seed=0, epoch=0)
+        if self.config.eval_batches:
+            order = order[: self.config.eval_batches]
+        sums: dict[str, float] = {}
+        count = 0
+        for idx in order:
+            batch = collate([dataset.examples[i] for i in idx], idx)
+            loss, metrics = self._forward(batch, train=False)
+            mx.eval(loss, metrics)
+            n = batch.num_examples
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + n * float(v)
+            count += n
+        return {f"eval/{k}": v / count for k, v in sums.items()}
+
+    # ------------------------------------------------------------- the loop
+    def train(self) -> dict[str, float]:
+        """Train to ``total_steps``; returns the final metrics (train and eval)."""
+        cfg = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.step == 0:
+            if list_checkpoints(self.run_dir):
+                raise ConfigError(
+                    f"{self.run_dir} already holds a run; continue it with "
+                    f"'mlx-pref train --resume {self.run_dir}', or pick another --output "
+                    "(or pass --overwrite)"
+                )
+            cfg.save(self.run_dir / RESOLVED_CONFIG)
+            self.metrics_log.truncate_after(0)
+        self._log(
+            f"training {self.total_steps} steps: {len(self.train_set)} "
+            f"{'pairs' if self.train_set.paired else 'rows'}, loss {cfg.loss}, "
+            f"reference {self.reference.name}, output {self.run_dir}"
+        )
+        window: list[dict] = []
+        last: dict[str, float] = {}
+        previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            while self.step < self.total_steps:
+                result = self.train_step(self._step_batches(self.step))
+                window.append(result.metrics)
+                self.progress.update(self.step, result.metrics)
+                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
+                    last = self._log_window(window)
+                    window = []
+                if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
+                    last.update(self._log_eval())
+                if self.nonfinite_in_a_row >= cfg.max_nonfinite:
+                    path = self.save_checkpoint()
+                    raise NonFiniteError(
+                        f"stopped at step {self.step}: {self.nonfinite_in_a_row} steps in a row "
+                        f"had a non-finite loss or gradient ({self.skipped_steps} skipped in "
+                        f"all). Checkpoint: {path}. Lower learning_rate or beta, or check the "
+                        "data, then resume with --resume."
+                    )
+                if self.step % cfg.save_every == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if self._interrupted:
+                    self.save_checkpoint()
+                    raise Interrupted(
+                        f"interrupted at step {self.step}; checkpoint saved. Resume with: "
+                        f"mlx-pref train --resume {self.run_dir}"
+                    )
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self.progress.close()
+        save_adapters(self.model, self.run_dir, self.adapter_config)
+        self._log(f"adapters saved to {self.run_dir}")
+        return last
+
+    # ------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        """Everything besides weights that the next step depends on."""
+        return {
+            "step": self.step,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "skipped_steps": self.skipped_steps,
+        }
+
+    def save_checkpoint(self) -> Path:
+        """Write an atomic checkpoint for the current step (skipped if it exists)."""
+
+        def write(tmp: Path) -> None:
+            save_adapters(self.model, tmp, self.adapter_config)
+            mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(self.optimizer.state)))
+            (tmp / STATE).write_text(json.dumps(self.state_dict(), indent=1))
+
+        path = write_checkpoint(self.run_dir, self.step, write, self.config.keep_last)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore adapters, optimizer and loop state from a checkpoint directory."""
+        set_adapter_parameters(self.model, mx.load(str(path / ADAPTER_FILE)))
+        self.optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_FILE)).items()))
+        state = read_state(path)
+        self.step = state["step"]
+        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        self.skipped_steps = state["skipped_steps"]
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        self.metrics_log.truncate_after(self.step)
+        self.progress.start = self.step
+
+    @classmethod
+    def resume(cls, run_dir: str | Path, overrides: dict | None = None, **kwargs) -> Trainer:
+        """A trainer for the run in ``run_dir``, at its newest intact checkpoint.
+
+        ``overrides`` may extend the run (``max_steps``, ``epochs``) or change logging;
+        settings that would change the result of the steps already taken are refused.
+        """
+        run_dir = Path(run_dir)
+        if not (run_dir / RESOLVED_CONFIG).exists():
+            raise ConfigError(f"{run_dir} is not a run directory: {RESOLVED_CONFIG} is missing")
+        overrides = dict(overrides or {})
+        allowed = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "keep_last"}
+        if set(overrides) - allowed:
+            raise ConfigError(
+                f"--resume continues a run with its saved config; only {', '.join(sorted(allowed))} "
+                f"can change, not {', '.join(sorted(set(overrides) - allowed))}"
+            )
+        config = load_config(run_dir / RESOLVED_CONFIG, {**overrides, "output": str(run_dir)})
+        trainer = cls(config, **kwargs)
+        path = latest_valid(run_dir, warn=trainer._log)
+        if path is None:
+            trainer._log(f"no intact checkpoint in {run_dir}: starting from step 0")
+            for old in list_checkpoints(run_dir):
+                shutil.rmtree(old)
+        else:
+            trainer.load_checkpoint(path)
+            trainer._log(f"resumed from {path} (step {trainer.step})")
+        return trainer
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self._interrupted:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._interrupted = True
+        self._log("stopping after this step (Ctrl-C again to abort without saving)...")
+
+    def _log_window(self, window: list[dict]) -> dict:
+        record = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
+        for key in window[-1]:
+            record[key] = float(np.mean([m[key] for m in window if key in m]))
+        self.metrics_log.write(record)
+        self._log(f"step {self.step}: " + format_metrics(record, LOG_KEYS))
+        return record
+
+    def _log_eval(self) -> dict:
+        metrics = self.evaluate()
+        if metrics:
+            self.metrics_log.write({"step": self.step, **metrics})
+            self._log(f"eval step {self.step}: " + format_metrics(metrics, EVAL_KEYS))
+        return metrics
+
+
+def train(config: Config | str | Path | None = None, **overrides) -> dict[str, float]:
+    """Train from a Config, a YAML path, or the embedded default; returns final metrics."""
+    if not isinstance(config, Config):
+        config = load_config(config, overrides)
+    return Trainer(config).train()
