@@ -45,3 +45,7 @@ def preference_loss(
         beta * (chosen_logps - ref_chosen_logps),
         beta * (rejected_logps - ref_rejected_logps),
     )
+
+
+def loss_needs_reference(weights, cfg) -> bool:
+    return True
