@@ -15,6 +15,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 ArrayLike = Any
 """An ``mx.array``, a NumPy array, a Python list or a scalar."""
@@ -117,7 +118,8 @@ def as_float_array(value: ArrayLike, name: str) -> mx.array:
     Losses are computed in float32 whatever the model's dtype, as TRL's ORPO does with
     ``.float()``; gradients still flow through the cast.
     """
-    arr = value if isinstance(value, mx.array) else mx.array(value)
+    # Non-MLX input goes through float32 NumPy: float64 arrays are CPU-only in MLX.
+    arr = value if isinstance(value, mx.array) else mx.array(np.asarray(value, dtype=np.float32))
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1:

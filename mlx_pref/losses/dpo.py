@@ -329,8 +329,9 @@ def discopop(t: PairTerms, discopop_tau: float = 0.05) -> tuple[mx.array, dict]:
     if discopop_tau <= 0:
         raise ValueError(f"discopop_tau must be > 0, got {discopop_tau}")
     z = t.beta * t.delta
-    mod = mx.sigmoid(z / discopop_tau)
-    losses = -log_sigmoid(z) * (1.0 - mod) + mx.exp(log_sigmoid(z / discopop_tau) - z)
+    # 1 - σ(z/τ) is written σ(-z/τ) to avoid cancellation near σ = 1.
+    logistic = -log_sigmoid(z) * mx.sigmoid(-z / discopop_tau)
+    losses = logistic + mx.exp(log_sigmoid(z / discopop_tau) - z)
     return losses, {}
 
 

@@ -481,7 +481,7 @@ def preference_loss(
         udm_weights=_optional(udm_weights, "udm_weights"),
         policy_kl_logps=_optional(policy_kl_logps, "policy_kl_logps"),
         ref_kl_logps=_optional(ref_kl_logps, "ref_kl_logps"),
-        chosen_nll=None if chosen_nll is None else mx.array(chosen_nll, dtype=mx.float32),
+        chosen_nll=None if chosen_nll is None else as_float_array(chosen_nll, "chosen_nll"),
         train=bool(train),
         group=group,
     )

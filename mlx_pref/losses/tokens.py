@@ -15,12 +15,13 @@ Both follow TRL v1.9.0 ``trl/trainer/dpo_trainer.py`` (``_compute_loss``).
 from __future__ import annotations
 
 import mlx.core as mx
+import numpy as np
 
 from mlx_pref.losses.base import ArrayLike
 
 
 def _as_2d(x: ArrayLike, name: str) -> mx.array:
-    arr = x if isinstance(x, mx.array) else mx.array(x)
+    arr = x if isinstance(x, mx.array) else mx.array(np.asarray(x, dtype=np.float32))
     if arr.ndim != 2:
         raise ValueError(f"{name} must be (batch, tokens), got shape {tuple(arr.shape)}")
     return arr.astype(mx.float32)
