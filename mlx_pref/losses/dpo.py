@@ -56,6 +56,8 @@ def f_divergence_scores(
 
     As TRL v1.9: ``reverse_kl`` → ``l``; ``forward_kl`` → ``-exp(-l)``; ``js_divergence`` →
     ``log σ(l)``; ``alpha_divergence`` → ``exp((α-1)·l) / (α-1)`` (``l`` when ``|α-1| < 1e-6``).
+    The α-divergence follows TRL v1.9's convention, in which the f-DPO paper's
+    ``(1 - u^-α)/α`` has α replaced by ``1 - α`` (the two agree at the default 0.5).
     Exponents are clamped at 80 so the scores stay finite in float32; TRL clamps only the
     α-divergence one, so for log-ratios below -80 ``forward_kl`` differs (TRL overflows).
     """

@@ -461,6 +461,9 @@ def preference_loss(
     log-probs); ``chosen_nll`` (token-mean NLL of chosen, overrides the one derived from
     summed log-probs and lengths); ``group`` (``mx.distributed`` group, default: the global
     one); ``**params``: loss parameters (``get_loss(name).params``), e.g. ``simpo_gamma``.
+    Parameters of other registered losses are accepted and ignored, so a trainer can pass its
+    whole loss configuration; a name no loss knows raises ``ValueError``. A data keyword
+    that none of the selected losses reads (e.g. ``udm_weights`` without ``bco``) raises too.
     """
     weights = parse_loss(name) if isinstance(name, str) else parse_loss(dict(name))
     specs = [REGISTRY[n] for n in weights]
