@@ -181,13 +181,6 @@ def chosen_nll(inputs: LossInputs, loss: str) -> mx.array:
     return -inputs.chosen_logps.sum() / tokens
 
 
-def mean_or_zero(x: mx.array) -> mx.array:
-    """Mean of ``x``; 0 for an empty array (TRL never logs an empty side either)."""
-    if x.size == 0:
-        return mx.array(0.0)
-    return x.mean()
-
-
 def distributed_group(group: Any = None) -> Any:
     """The communication group to reduce over, or ``None`` for a single process.
 

@@ -91,7 +91,8 @@ class LossState:
 
     Pass the same object to every ``preference_loss`` call of a run. ``train=False`` calls
     (evaluation) read δ but never move it. ``state_dict()`` is JSON-ready; restoring it with
-    ``load_state_dict`` resumes δ exactly.
+    ``load_state_dict`` resumes δ exactly. Updating reads the batch rewards on the host, so
+    the stateful losses cannot be traced by ``mx.compile``.
     """
 
     running: dict[str, RunningMoments] = field(default_factory=dict)
