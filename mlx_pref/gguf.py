@@ -43,19 +43,7 @@ GGML_TYPES = {
 }  # fmt: skip
 
 # GGUF metadata value types: struct format of the fixed-size ones; 8 is a string, 9 an array.
-_SCALARS = {
-    0: "B",
-    1: "b",
-    2: "H",
-    3: "h",
-    4: "I",
-    5: "i",
-    6: "f",
-    7: "?",
-    10: "Q",
-    11: "q",
-    12: "d",
-}
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # fmt: skip
 
 # Per-layer GGUF tensor names -> mlx-lm llama module paths.
 _LAYER_NAMES = {
