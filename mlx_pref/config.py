@@ -69,6 +69,9 @@ class Config:
     """Start from this (SFT) adapter directory; the reference is base + it, frozen."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: str | None = None
+    """Quantize a float base to 4bit or 8bit for QLoRA."""
+    dequantize: bool = False
+    """Train on float weights from an already-quantized base (a GGUF, an MLX 4-bit model)."""
     dtype: str | None = None
     # data
     data: str | None = None
@@ -135,6 +138,8 @@ class Config:
         """Range and choice checks; raises ConfigError with what to write instead."""
         _choice("quantization", self.quantization, (None, *QUANTIZATION_BITS))
         _choice("dtype", self.dtype, (None, *DTYPES))
+        if self.quantization and self.dequantize:
+            raise ConfigError("quantization and dequantize exclude each other: pick one")
         _choice("format", self.format, DATA_FORMATS)
         _choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
         _choice("reference", self.reference, REFERENCES)

@@ -158,7 +158,10 @@ class Trainer:
         self.run_dir = Path(cfg.output)
         mx.random.seed(cfg.seed)
         self.loaded = loaded or load_model(
-            cfg.model, quantization_bits=cfg.quantization_bits, dtype=cfg.dtype
+            cfg.model,
+            quantization_bits=cfg.quantization_bits,
+            dtype=cfg.dtype,
+            dequantize=cfg.dequantize,
         )
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.adapter_config, sft_weights = self._attach_adapters()
