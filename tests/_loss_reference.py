@@ -1,18 +1,22 @@
 """Independent float64 NumPy reference for the preference losses.
 
-Written from TRL's definitions (v1.9.0 dpo_trainer.py / cpo_trainer.py / orpo_trainer.py /
-kto_trainer.py / experimental bco_trainer.py; v0.28.0 dpo_trainer.py for cDPO smoothing on
-sigmoid, reference_free, rpo_alpha and bco_pair's running shift), term by term as TRL writes
-them, and never calling mlx_pref. Where mlx-pref documents a deliberate deviation (exponent
-clamps at 80, the ORPO clamp of averaged log-probs at -1e-6), the reference applies the same
-rule so that everything else is still compared exactly.
+Written from TRL's definitions, term by term as TRL writes them, and never calling mlx_pref:
+TRL 1.16 trl/trainer/dpo_trainer.py (DPO family, WPO, LD-DPO), trl/trainer/kto_trainer.py,
+trl/experimental/cpo/cpo_trainer.py and trl/experimental/orpo/orpo_trainer.py; TRL 1.13
+trl/experimental/bco/bco_trainer.py (BCO, RunningMoments, UDM weights); TRL 0.28
+dpo_trainer.py for what TRL 1.x dropped (cDPO smoothing on sigmoid, reference_free,
+rpo_alpha, bco_pair's running shift). Where mlx-pref documents a deliberate deviation that
+only acts where TRL overflows (exponents capped at EXP_MAX, averaged log-probs capped just
+below 0 in ORPO), the reference applies the same rule so that everything else is still
+compared exactly.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-EXP_CLAMP = 80.0
+EXP_CLAMP = 80.0  # TRL 1.16's own clamp of the α-divergence exponent (float32)
+EXP_MAX = 88.7227  # mlx-pref's cap on exponents TRL leaves unclamped (float32 overflow: 88.72284)
 
 
 def log_sigmoid(x):
@@ -30,17 +34,19 @@ def token_nll(token_logps: np.ndarray, mask: np.ndarray) -> float:
 
 
 def f_scores(logratios, f_type="reverse_kl", coef=0.5):
+    """TRL 1.16 chosen_scores / rejected_scores: f'(t) of t = π/π_ref, constants included."""
     lr = np.asarray(logratios, dtype=np.float64)
     if f_type == "reverse_kl":
         return lr
-    if f_type == "forward_kl":
-        return -np.exp(np.minimum(-lr, EXP_CLAMP))
-    if f_type == "js_divergence":
-        return log_sigmoid(lr)
-    if f_type == "alpha_divergence":
+    if f_type == "forward_kl":  # f'(t) = 1 - 1/t
+        return 1 - np.exp(np.minimum(-lr, EXP_MAX))
+    if f_type == "js_divergence":  # f'(t) = log 2 + log σ(log t)
+        return np.log(2) + log_sigmoid(lr)
+    if f_type == "alpha_divergence":  # f'(t) = (t^(α-1) - 1) / (α - 1)
         if abs(coef - 1.0) < 1e-6:
             return lr
-        return np.exp(np.minimum((coef - 1.0) * lr, EXP_CLAMP)) / (coef - 1.0)
+        t = np.minimum((coef - 1.0) * lr, EXP_CLAMP)
+        return (np.exp(t) - 1.0) * (1.0 / (coef - 1.0))
     raise ValueError(f_type)
 
 
@@ -64,7 +70,11 @@ def dpo_reference(
     tau=0.05,
     delta=0.0,
 ):
-    """Per-pair losses and rewards of a DPO-family loss (TRL DPOTrainer)."""
+    """Per-pair losses and rewards of a DPO-family loss (TRL 1.16 DPOTrainer._compute_loss).
+
+    ``eps`` on sigmoid, ``reference_free``, ``rpo_alpha`` and ``delta`` (bco_pair's running
+    shift) are TRL 0.28's; TRL 1.16 is ``eps = 0``, ``delta = 0`` there.
+    """
     c, r = np.asarray(c, np.float64), np.asarray(r, np.float64)
     if reference_free or rc is None:
         rc, rr = np.zeros_like(c), np.zeros_like(r)
@@ -88,16 +98,17 @@ def dpo_reference(
             log_sigmoid(-b * delta_score) - np.log(eps)
         )
     elif loss == "nca_pair":
-        cr, rj = b * cs, b * rs
+        cr, rj = b * chosen_logratios, b * rejected_logratios
         out = -log_sigmoid(cr) - 0.5 * log_sigmoid(-cr) - 0.5 * log_sigmoid(-rj)
     elif loss == "robust":
         clean = -(1 - eps) * log_sigmoid(b * delta_score)
         flipped = -eps * log_sigmoid(-b * delta_score)
         out = (clean - flipped) / (1 - 2 * eps)
     elif loss == "bco_pair":
-        out = -log_sigmoid(b * cs - delta) - log_sigmoid(-(b * rs - delta))
+        cr, rj = b * chosen_logratios, b * rejected_logratios
+        out = -log_sigmoid(cr - delta) - log_sigmoid(-(rj - delta))
     elif loss == "sppo_hard":
-        out = (cs - 0.5 / b) ** 2 + (rs + 0.5 / b) ** 2
+        out = (chosen_logratios - 0.5 / b) ** 2 + (rejected_logratios + 0.5 / b) ** 2
     elif loss == "aot":
         d = np.sort(c - r) - np.sort(rc - rr)
         out = -log_sigmoid(b * d) * (1 - eps) - log_sigmoid(-b * d) * eps
@@ -115,6 +126,8 @@ def dpo_reference(
         with np.errstate(over="ignore", invalid="ignore"):
             exp_part = np.exp(-logits) * modulation
         exp_part = np.where(modulation == 0.0, 0.0, exp_part)  # 0·∞ → its limit 0
+        # mlx-pref caps σ(z/τ)·e^{-z} at e^EXP_MAX where it leaves float32's range.
+        exp_part = np.where(log_sigmoid(logits / tau) - logits > EXP_MAX, np.exp(EXP_MAX), exp_part)
         out = logistic * (1 - modulation) + exp_part
     elif loss == "sft":
         out = np.full(c.shape, nll)

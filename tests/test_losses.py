@@ -43,6 +43,8 @@ DPO_LOSSES = [
     "apo_down",
     "discopop",
 ]
+F_DIV_LOSSES = ["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"]
+"""The losses TRL 1.16 allows with a non-default f_divergence_type."""
 F_DIVS = [
     ("reverse_kl", 0.5),
     ("forward_kl", 0.5),
@@ -107,10 +109,8 @@ def tokens(seed: int, n: int = 6, t: int = 12):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", DPO_LOSSES)
-@pytest.mark.parametrize("f_type,coef", F_DIVS)
-def test_dpo_family_matches_reference(name, f_type, coef):
-    c, r, rc, rr, lc, lr = pairs(1)
+def check_dpo_loss(name, f_type="reverse_kl", coef=0.5, seed=1):
+    c, r, rc, rr, lc, lr = pairs(seed)
     eps = 1e-3 if name == "exo_pair" else 0.0
     beta = 0.1
     out = L.preference_loss(
@@ -133,6 +133,52 @@ def test_dpo_family_matches_reference(name, f_type, coef):
     close(out.loss, losses.mean())
     close(out.chosen_rewards, cr)
     close(out.rejected_rewards, rj)
+
+
+@pytest.mark.parametrize("name", DPO_LOSSES)
+def test_dpo_family_matches_reference(name):
+    check_dpo_loss(name)
+
+
+@pytest.mark.parametrize("name", [n for n in DPO_LOSSES if n in F_DIV_LOSSES])
+@pytest.mark.parametrize("f_type,coef", F_DIVS[1:])
+def test_f_divergences_match_reference(name, f_type, coef):
+    check_dpo_loss(name, f_type, coef)
+
+
+def test_f_divergence_constants_shift_length_normalised_losses():
+    # One pair, log-ratios 0 on both sides: every f-score is f'(1) = 0 (TRL 1.16 keeps the
+    # constants), so IPO sees a zero margin whatever the lengths.
+    for f_type in ["forward_kl", "js_divergence", "alpha_divergence"]:
+        out = L.preference_loss(
+            "ipo", [-5.0], [-7.0], [-5.0], [-7.0], [3.0], [9.0], beta=0.5, f_divergence_type=f_type
+        )
+        assert out.loss.item() == pytest.approx(1.0, abs=1e-6)  # (0 - 1/(2β))²
+
+
+@pytest.mark.parametrize("name", [n for n in [*DPO_LOSSES, "bco_pair"] if n not in F_DIV_LOSSES])
+def test_f_divergence_rejected_for_other_losses(name):
+    c, r, rc, rr, lc, lr = pairs(17, n=4)
+    state = L.LossState() if name == "bco_pair" else None
+    with pytest.raises(ValueError, match=f"does not apply to loss '{name}'.*reverse_kl"):
+        L.preference_loss(
+            name, c, r, rc, rr, lc, lr, beta=0.1, state=state, f_divergence_type="forward_kl"
+        )
+    # The default is accepted, and an explicit 'reverse_kl' too.
+    L.preference_loss(
+        name, c, r, rc, rr, lc, lr, beta=0.1, state=state, f_divergence_type="reverse_kl"
+    )
+    assert state is None or state.state_dict()["running"]  # bco_pair moved δ once
+    with pytest.raises(ValueError, match="does not apply to loss 'nca_pair'"):
+        L.preference_loss(
+            {"sigmoid": 0.5, "nca_pair": 0.5},
+            c,
+            r,
+            rc,
+            rr,
+            beta=0.1,
+            f_divergence_type="js_divergence",
+        )
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"])
@@ -185,22 +231,36 @@ def test_large_magnitude_log_ratios(name):
     assert np.all(np.isfinite(npy(grads)))
 
 
+@pytest.mark.parametrize("name", ["sigmoid", "hinge", "robust", "discopop"])
 @pytest.mark.parametrize("f_type,coef", F_DIVS)
-def test_large_magnitude_f_divergences(f_type, coef):
+def test_large_magnitude_f_divergences(name, f_type, coef):
     c, r, rc, rr, lc, lr = pairs(4, n=16, large=True)
-    out = L.preference_loss(
-        "sigmoid",
-        c,
-        r,
-        rc,
-        rr,
-        beta=0.125,
-        f_divergence_type=f_type,
-        f_alpha_divergence_coef=coef,
-    )
-    losses, _, _ = ref.dpo_reference("sigmoid", c, r, rc, rr, beta=0.125, f_type=f_type, coef=coef)
-    assert np.all(np.isfinite(npy(out.losses)))
+    kw = {"f_divergence_type": f_type, "f_alpha_divergence_coef": coef}
+    out = L.preference_loss(name, c, r, rc, rr, beta=0.125, **kw)
+    losses, _, _ = ref.dpo_reference(name, c, r, rc, rr, beta=0.125, f_type=f_type, coef=coef)
+    assert np.all(np.isfinite(npy(out.losses))) and np.isfinite(out.loss.item())
     close(out.losses, losses)
+    grads = mx.grad(lambda x: L.preference_loss(name, x, r, rc, rr, beta=0.125, **kw).loss)(
+        mx.array(c)
+    )
+    assert not np.any(np.isnan(npy(grads)))
+
+
+def test_forward_kl_exponent_is_exact_until_float32_overflow():
+    # TRL 1.16 evaluates 1 - exp(-l) unclamped: finite down to l ≈ -88.72, inf below.
+    # mlx-pref agrees wherever TRL is finite and stays finite below.
+    lc = np.array([-1.0, -79.5, -80.5, -84.0, -88.0, -88.5, -88.72, -89.0, -500.0], np.float32)
+    scores, _ = L.f_divergence_scores(mx.array(lc), mx.array(lc), "forward_kl")
+    expected = 1 - np.exp(-f64(lc))  # TRL's score, in float64
+    finite = np.abs(expected) < np.finfo(np.float32).max
+    assert finite[:-2].all() and not finite[-2:].any()  # TRL overflows on the last two
+    close(npy(scores)[finite], expected[finite])
+    assert np.all(np.isfinite(npy(scores)))
+    zeros = np.zeros_like(lc)
+    out = L.preference_loss(
+        "sigmoid", lc, zeros, zeros, zeros, beta=0.5, f_divergence_type="forward_kl"
+    )
+    assert np.all(np.isfinite(npy(out.losses))) and np.isfinite(out.loss.item())
 
 
 def test_sigmoid_gradient_matches_closed_form():
@@ -326,7 +386,7 @@ def test_bco_pair_running_shift_over_steps():
         assert state.delta("bco_pair") == pytest.approx(moments.mean, rel=1e-6, abs=1e-9)
         losses, _, _ = ref.dpo_reference("bco_pair", c, r, rc, rr, beta=beta, delta=moments.mean)
         close(out.losses, losses)
-        close(out.metrics["bco_pair/delta"], moments.mean)
+        close(out.metrics["delta"], moments.mean)
 
         # Evaluation reads δ without moving it.
         before = state.state_dict()
@@ -704,7 +764,7 @@ def test_registry_contents():
     rows = L.describe_losses()
     assert [row["name"] for row in rows] == names
     for row in rows:
-        assert row["formula"] and row["paper"] and row["trl"].startswith("TRL v")
+        assert row["formula"] and row["paper"] and row["trl"].startswith("TRL ")
         assert row["data"] in ("paired", "unpaired")
     arxiv = {row["name"]: row["arxiv"] for row in rows}
     assert arxiv["sigmoid"] == "2305.18290"
