@@ -17,6 +17,7 @@ import numpy as np
 
 EXP_CLAMP = 80.0  # TRL 1.16's own clamp of the α-divergence exponent (float32)
 EXP_MAX = 88.7227  # mlx-pref's cap on exponents TRL leaves unclamped (float32 overflow: 88.72284)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # mlx-pref caps ORPO's averaged log-probs at -this
 
 
 def log_sigmoid(x):
@@ -144,13 +145,16 @@ def dpo_reference(
 
 
 def alphapo(logps, alpha):
+    """AlphaPO reward (1 - p^(-α)) / α, p = exp(logps); p^(-α) = exp(-α·logps), capped at
+    exp(EXP_MAX) where TRL's float32 value overflows."""
     if alpha == 0.0:
         return logps
-    return (1 - np.exp(np.minimum(-alpha * logps, EXP_CLAMP))) / alpha
+    return (1 - np.exp(np.minimum(-alpha * np.asarray(logps, np.float64), EXP_MAX))) / alpha
 
 
 def cpo_reference(c, r, *, beta, eps=0.0, cpo_alpha=1.0, alpha=0.0, nll=None):
-    """CPOTrainer, loss_type='sigmoid': per-pair loss incl. cpo_alpha·NLL, rewards."""
+    """CPOTrainer.cpo_loss, loss_type='sigmoid': per-pair loss plus cpo_alpha·NLL (TRL adds it
+    to the mean, the same mean), rewards β·r."""
     rc, rj = alphapo(np.asarray(c, np.float64), alpha), alphapo(np.asarray(r, np.float64), alpha)
     logits = rc - rj
     out = -log_sigmoid(beta * logits) * (1 - eps) - log_sigmoid(-beta * logits) * eps
@@ -162,7 +166,7 @@ def cpo_reference(c, r, *, beta, eps=0.0, cpo_alpha=1.0, alpha=0.0, nll=None):
 def simpo_reference(
     c, r, len_c, len_r, *, beta, gamma=0.5, eps=0.0, cpo_alpha=0.0, alpha=0.0, nll=None
 ):
-    """CPOTrainer, loss_type='simpo' on length-averaged log-probs."""
+    """CPOTrainer.cpo_loss, loss_type='simpo', on length-averaged log-probs."""
     ac = np.asarray(c, np.float64) / len_c
     ar = np.asarray(r, np.float64) / len_r
     rc, rj = alphapo(ac, alpha), alphapo(ar, alpha)
@@ -174,6 +178,7 @@ def simpo_reference(
 
 
 def log1mexp(x):
+    """log(1 - e^x) for x < 0 (TRL's ORPO helper; float64 needs no branch)."""
     x = np.asarray(x, np.float64)
     return np.log(-np.expm1(x))
 
@@ -182,7 +187,7 @@ def orpo_reference(c, r, len_c, len_r, *, beta, nll):
     """ORPOTrainer.odds_ratio_loss; the total is nll - mean(beta * ratio)."""
     ac = np.asarray(c, np.float64) / len_c
     ar = np.asarray(r, np.float64) / len_r
-    pc, pr = np.minimum(ac, -1e-6), np.minimum(ar, -1e-6)
+    pc, pr = np.minimum(ac, -FLOAT32_TINY), np.minimum(ar, -FLOAT32_TINY)
     log_odds = (pc - pr) - (log1mexp(pc) - log1mexp(pr))
     ratio = log_sigmoid(log_odds)
     out = nll - beta * ratio

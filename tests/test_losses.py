@@ -440,10 +440,24 @@ def test_cpo(eps, alpha):
     close(out.chosen_rewards, cr)
     close(out.rejected_rewards, rj)
     close(out.metrics["nll_loss"], nll)
-    # cpo_alpha=0 drops the NLL term (and no lengths are needed then).
+    # cpo_alpha=0 drops the NLL term (and no lengths are needed then); TRL logs nll_loss = 0.
     out0 = L.preference_loss("cpo", c, r, beta=0.1, label_smoothing=eps, alpha=alpha, cpo_alpha=0)
     losses0, _, _ = ref.cpo_reference(c, r, beta=0.1, eps=eps, alpha=alpha, cpo_alpha=0.0)
     close(out0.losses, losses0)
+    assert out0.metrics["nll_loss"].item() == 0.0
+
+
+def test_alphapo_reward_is_exact_until_float32_overflow():
+    # TRL 1.16: (1 - exp(logp).pow(-α)) / α. With α = 1 it is finite down to logp ≈ -88.72
+    # (and mlx-pref must agree there); below, TRL overflows and mlx-pref stays finite.
+    c = np.array([-2.0, -79.5, -80.5, -85.0, -88.5, -88.72, -89.5, -300.0], np.float32)
+    r = np.full_like(c, -1.0)
+    out = L.preference_loss("cpo", c, r, beta=1e-3, alpha=1.0, cpo_alpha=0.0)
+    trl_reward = 1 - np.exp(-f64(c))  # p^(-1) = exp(-logp), α = 1
+    finite = np.abs(trl_reward) < np.finfo(np.float32).max
+    assert finite[:-2].all() and not finite[-2:].any()
+    close(npy(out.chosen_rewards)[finite], 1e-3 * trl_reward[finite])
+    assert np.all(np.isfinite(npy(out.losses))) and np.all(np.isfinite(npy(out.chosen_rewards)))
 
 
 @pytest.mark.parametrize("gamma,cpo_alpha,alpha,eps", [(0.5, 0.0, 0.0, 0.0), (1.2, 0.7, 0.3, 0.1)])
@@ -497,9 +511,10 @@ def test_orpo_extreme_log_probs_stay_finite():
     ones = np.ones(4, np.float32)
     out = L.preference_loss("orpo", c, r, None, None, ones, ones, beta=0.1)
     losses, _, _, _, log_odds = ref.orpo_reference(c, r, ones, ones, beta=0.1, nll=-f64(c).mean())
-    close(out.losses, losses, rtol=2e-5)  # log(1-e^x) near x = -1e-6 loses a few ulps
-    # The -1e-6 clamp shows in the log-odds (unclamped they would differ by ~14); rows of
-    # size 1e4 carry float32 spacing 1e-3 into this mean.
+    close(out.losses, losses, rtol=2e-5)  # log(1-e^x) near x = -1e-7 loses a few ulps
+    # Only the averaged log-prob of exactly 0 is capped (at -1.18e-38, where TRL's log-odds
+    # are infinite); -1e-7 is used as is. Rows of size 1e4 carry float32 spacing 1e-3 into
+    # this mean.
     close(out.metrics["log_odds_chosen"], log_odds, atol=1e-3)
     g = mx.grad(lambda x: L.preference_loss("orpo", x, r, None, None, ones, ones, beta=0.1).loss)(
         mx.array(c)
