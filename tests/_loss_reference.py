@@ -195,7 +195,7 @@ def orpo_reference(c, r, len_c, len_r, *, beta, nll):
 
 
 class RunningMomentsRef:
-    """TRL's RunningMoments.update (single process), float64."""
+    """TRL 1.13's RunningMoments.update (single process), in float64."""
 
     def __init__(self):
         self.mean, self.std, self.var, self.count = 0.0, 1.0, 1.0, 1e-24
@@ -211,12 +211,17 @@ class RunningMomentsRef:
         old_sum = self.var * self.count + delta**2 * self.count * xs_count / tot_count
         tot_sum = old_sum + new_sum
         self.mean += delta * xs_count / tot_count
-        self.var = tot_sum / tot_count
+        new_var = tot_sum / tot_count
+        with np.errstate(divide="ignore"):  # one value seen: TRL divides by tot_count - 1 = 0
+            self.std = float(np.sqrt(np.float64(new_var * tot_count) / np.float64(tot_count - 1)))
+        self.var = new_var
         self.count = tot_count
 
 
 def bco_reference(c, r, rc, rr, *, beta, running, train=True, udm=None):
-    """BCOTrainer.bco_loss: returns (per-row losses, chosen rewards, rejected rewards, delta)."""
+    """TRL 1.13 BCOTrainer.bco_loss: (per-row losses, chosen rewards, rejected rewards, delta).
+
+    ``train`` is TRL's ``do_train`` (False in evaluation: δ is read, not updated)."""
     chosen_rewards = beta * (np.asarray(c, np.float64) - rc)
     rejected_rewards = beta * (np.asarray(r, np.float64) - rr)
     if train:
@@ -230,7 +235,7 @@ def bco_reference(c, r, rc, rr, *, beta, running, train=True, udm=None):
 
 
 def kto_reference(c, r, rc, rr, *, beta, kl_policy=None, kl_ref=None, wd=1.0, wu=1.0):
-    """KTOTrainer._compute_loss, loss_type='kto'."""
+    """TRL 1.16 KTOTrainer._compute_loss, loss_type='kto' (single process)."""
     if kl_policy is None:
         kl = 0.0
     else:
@@ -243,6 +248,7 @@ def kto_reference(c, r, rc, rr, *, beta, kl_policy=None, kl_ref=None, wd=1.0, wu
 
 
 def apo_zero_unpaired_reference(c, r, rc, rr, *, beta, wd=1.0, wu=1.0):
+    """TRL 1.16 KTOTrainer._compute_loss, loss_type='apo_zero_unpaired' (no KL term)."""
     cl = np.asarray(c, np.float64) - rc
     rl = np.asarray(r, np.float64) - rr
     chosen_losses = 1 - sigmoid(beta * cl)
@@ -251,7 +257,8 @@ def apo_zero_unpaired_reference(c, r, rc, rr, *, beta, wd=1.0, wu=1.0):
 
 
 def wpo_weights_from_logits(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray):
-    """TRL v1.9: exp(mean over completion tokens of (logp - (lse(2·logits) - 2·lse(logits))))."""
+    """TRL 1.16 WPO weight: exp(mean over completion tokens of (logp - log Σ_v p_v²)), with
+    log Σ_v p_v² = lse(2·logits) - 2·lse(logits)."""
     logits = np.asarray(logits, np.float64)
     lse1 = np.logaddexp.reduce(logits, axis=-1)
     lse2 = np.logaddexp.reduce(2.0 * logits, axis=-1)
@@ -261,7 +268,7 @@ def wpo_weights_from_logits(logits: np.ndarray, labels: np.ndarray, mask: np.nda
 
 
 def ld_reference(token_logps: np.ndarray, mask: np.ndarray, shared_lens: np.ndarray, alpha):
-    """TRL v1.9 LD-DPO aggregation, written as an explicit loop over tokens."""
+    """TRL 1.16 LD-DPO aggregation (shared prefix weight 1, tail ld_alpha), as a token loop."""
     out = np.zeros(token_logps.shape[0])
     for b in range(token_logps.shape[0]):
         pos = 0

@@ -384,6 +384,8 @@ def test_bco_pair_running_shift_over_steps():
         rewards = np.concatenate([beta * (f64(c) - rc), beta * (f64(r) - rr)])
         moments.update([rewards.mean()])  # TRL v0.28: one value per step
         assert state.delta("bco_pair") == pytest.approx(moments.mean, rel=1e-6, abs=1e-9)
+        # One value per step: TRL's std is inf after the first step (count - 1 = 0).
+        assert state.running["bco_pair"].std == pytest.approx(moments.std, rel=1e-5)
         losses, _, _ = ref.dpo_reference("bco_pair", c, r, rc, rr, beta=beta, delta=moments.mean)
         close(out.losses, losses)
         close(out.metrics["delta"], moments.mean)
@@ -565,10 +567,11 @@ def test_bco_running_delta_over_steps_and_eval():
         close(out.loss, losses.mean())
         close(out.chosen_rewards, cr)
         close(out.rejected_rewards, rj)
-        close(out.metrics["bco/delta"], delta)
+        close(out.metrics["delta"], delta)
         assert state.delta("bco") == pytest.approx(moments.mean, rel=1e-6, abs=1e-12)
         assert state.running["bco"].var == pytest.approx(moments.var, rel=1e-5)
         assert state.running["bco"].count == pytest.approx(moments.count)
+        assert state.running["bco"].std == pytest.approx(moments.std, rel=1e-5)
 
         before = json.dumps(state.state_dict())
         c2, r2, rc2, rr2 = unpaired(300 + step, 3, 2)
@@ -645,6 +648,16 @@ def test_running_moments_cross_rank_reduction(monkeypatch):
     assert moments.count == pytest.approx(expected.count)
 
 
+def test_running_moments_initial_values_and_std():
+    moments, expected = L.RunningMoments(), ref.RunningMomentsRef()
+    assert (moments.mean, moments.var, moments.count, moments.std) == (0.0, 1.0, 1e-24, 1.0)
+    for batch in ([0.5], [1.0, -2.0, 0.25], [3.0, 3.0]):
+        moments.update(mx.array(batch))
+        expected.update(batch)
+        assert moments.std == pytest.approx(expected.std, rel=1e-6)
+        assert moments.mean == pytest.approx(expected.mean, rel=1e-6)
+
+
 def test_single_process_needs_no_reduction():
     assert loss_base.distributed_group() is None
     x = mx.array([1.0, 2.0])
@@ -717,6 +730,7 @@ def test_apo_zero_unpaired():
         "apo_zero_unpaired", c, r, rc, rr, beta=0.3, desirable_weight=2.0, undesirable_weight=0.5
     )
     close(out.losses, ref.apo_zero_unpaired_reference(c, r, rc, rr, beta=0.3, wd=2.0, wu=0.5))
+    assert out.metrics["kl"].item() == 0.0  # TRL computes no KL here and logs 0
 
 
 def test_unpaired_empty_sides():
@@ -842,7 +856,7 @@ def test_weighted_combination_is_weighted_sum():
         close(out.metrics[f"{name}/loss"], npy(parts[name].loss))
     # Clashing metric names get the loss name as prefix; unique ones keep theirs.
     assert "sigmoid/nll_loss" in out.metrics and "ipo/nll_loss" in out.metrics
-    assert "kl" in out.metrics and "bco/delta" in out.metrics
+    assert "kl" in out.metrics and "delta" in out.metrics
     assert state_combo.state_dict() == state_parts.state_dict()
     # Gradients flow through the combination.
     g = mx.grad(

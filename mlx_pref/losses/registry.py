@@ -26,10 +26,10 @@ WEIGHT_SUM_TOL = 1e-6
 
 _TRL_DPO = "TRL 1.16 trl/trainer/dpo_trainer.py"
 _TRL_DPO_028 = "TRL 0.28 trl/trainer/dpo_trainer.py"
-_TRL_KTO = "TRL v1.9.0 trl/trainer/kto_trainer.py"
+_TRL_KTO = "TRL 1.16 trl/trainer/kto_trainer.py"
 _TRL_CPO = "TRL 1.16 trl/experimental/cpo/cpo_trainer.py"
 _TRL_ORPO = "TRL 1.16 trl/experimental/orpo/orpo_trainer.py"
-_TRL_BCO = "TRL v1.9.0 trl/experimental/bco/bco_trainer.py"
+_TRL_BCO = "TRL 1.13 trl/experimental/bco/bco_trainer.py"
 
 
 def _dpo_spec(
