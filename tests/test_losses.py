@@ -793,8 +793,15 @@ def test_registry_contents():
     rows = L.describe_losses()
     assert [row["name"] for row in rows] == names
     for row in rows:
-        assert row["formula"] and row["paper"] and row["trl"].startswith("TRL ")
+        assert row["formula"] and row["paper"] and row["trl"].startswith("TRL 1.1")
         assert row["data"] in ("paired", "unpaired")
+    trl = {row["name"]: row["trl"] for row in rows}
+    assert trl["bco"] == "TRL 1.13 trl/experimental/bco/bco_trainer.py"
+    assert trl["kto"] == "TRL 1.16 trl/trainer/kto_trainer.py"
+    assert trl["simpo"].startswith("TRL 1.16 trl/experimental/cpo/cpo_trainer.py")
+    assert trl["hinge"].startswith("TRL 1.16 trl/trainer/dpo_trainer.py")
+    assert "label_smoothing (cDPO)" in trl["sigmoid"] and "running shift" in trl["bco_pair"]
+    assert all("rpo_alpha: TRL 0.28" in trl[n] for n in [*DPO_LOSSES, "bco_pair", "sft"])
     arxiv = {row["name"]: row["arxiv"] for row in rows}
     assert arxiv["sigmoid"] == "2305.18290"
     assert arxiv["simpo"] == "2405.14734"

@@ -130,9 +130,9 @@ def simpo(
     """SimPO: cDPO-style loss of ``β·(r̄_c - r̄_r) - γ`` on length-averaged log-probs.
 
     ``simpo_gamma`` (γ) defaults to 0.5 as in TRL 1.16 ``CPOConfig``. ``cpo_alpha`` defaults
-    to 0, pure SimPO: TRL runs SimPO as ``CPOConfig(loss_type="simpo", cpo_alpha=0.0)`` (its
-    ``"alphapo"`` shortcut sets exactly that), while ``CPOConfig``'s own default of 1.0 would
-    give CPO-SimPO; pass a positive ``cpo_alpha`` for that. Rewards are ``β·`` the averaged
+    to 0, pure SimPO, the setting TRL 1.16's ``loss_type="alphapo"`` shortcut selects
+    (``loss_type="simpo"``, ``cpo_alpha=0.0``); ``CPOConfig``'s own default of 1.0 gives
+    CPO-SimPO, which a positive ``cpo_alpha`` selects here. Rewards are ``β·`` the averaged
     log-probs (AlphaPO-shaped when ``alpha ≠ 0``).
     """
     _no_reference_needed(inputs, "simpo")
