@@ -263,6 +263,23 @@ def test_forward_kl_exponent_is_exact_until_float32_overflow():
     assert np.all(np.isfinite(npy(out.losses))) and np.isfinite(out.loss.item())
 
 
+def test_discopop_wide_tau_large_magnitude():
+    # With τ > 1, σ(z/τ)·e^{-z} grows without bound as z → -∞: TRL overflows (inf or NaN),
+    # mlx-pref caps it at e^88.7227 and matches TRL wherever TRL's value fits in float32.
+    c, r, rc, rr, _, _ = pairs(18, n=16, large=True)
+    out = L.preference_loss("discopop", c, r, rc, rr, beta=0.125, discopop_tau=2.0)
+    losses, _, _ = ref.dpo_reference("discopop", c, r, rc, rr, beta=0.125, tau=2.0)
+    assert np.all(np.isfinite(npy(out.losses))) and np.isfinite(out.loss.item())
+    close(out.losses, losses)
+    small = pairs(19, n=8)[:4]
+    out = L.preference_loss("discopop", *small, beta=0.5, discopop_tau=2.0)
+    close(out.losses, ref.dpo_reference("discopop", *small, beta=0.5, tau=2.0)[0])
+    g = mx.grad(
+        lambda x: L.preference_loss("discopop", x, r, rc, rr, beta=0.125, discopop_tau=2.0).loss
+    )(mx.array(c))
+    assert not np.any(np.isnan(npy(g)))
+
+
 def test_sigmoid_gradient_matches_closed_form():
     c, r, rc, rr, _, _ = pairs(5, n=5)
     beta = 0.1
@@ -382,7 +399,7 @@ def test_bco_pair_running_shift_over_steps():
         c, r, rc, rr, lc, lr = pairs(100 + step, n=n)
         out = L.preference_loss("bco_pair", c, r, rc, rr, lc, lr, beta=beta, state=state)
         rewards = np.concatenate([beta * (f64(c) - rc), beta * (f64(r) - rr)])
-        moments.update([rewards.mean()])  # TRL v0.28: one value per step
+        moments.update([rewards.mean()])  # TRL 0.28: one value per step
         assert state.delta("bco_pair") == pytest.approx(moments.mean, rel=1e-6, abs=1e-9)
         # One value per step: TRL's std is inf after the first step (count - 1 = 0).
         assert state.running["bco_pair"].std == pytest.approx(moments.std, rel=1e-5)
