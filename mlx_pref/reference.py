@@ -168,6 +168,9 @@ class Reference:
     def set_weights(self, weights: dict[str, mx.array] | None) -> None:
         raise ValueError(f"the '{self.name}' reference cannot be refreshed")
 
+    def attach(self, datasets: dict) -> None:
+        """The datasets whose rows ``logps(batch, split)`` will be asked about, by split."""
+
     def prepare(self, datasets: dict) -> None:
         """Precompute whatever the strategy needs for these datasets (only the cache does)."""
 
@@ -258,8 +261,13 @@ class CachedReference(Reference):
         digest.update(dataset_fingerprint(examples).encode())
         return digest.hexdigest()[:32]
 
+    def attach(self, datasets: dict) -> None:
+        self.datasets.update({k: v for k, v in datasets.items() if v is not None})
+        for split in datasets:
+            self.values.pop(split, None)
+
     def prepare(self, datasets: dict) -> None:
-        self.datasets = {k: v for k, v in datasets.items() if v is not None}
+        self.attach(datasets)
         for split in self.datasets:
             self._values(split)
 

@@ -181,6 +181,7 @@ class Trainer:
         self.loss_state = LossState()
         self.kto_kl = "kto" in self.loss_weights
         self.reference = self._make_reference(sft_weights)
+        self.reference.attach({"train": self.train_set, "eval": self.eval_set})
         self.udm: dict[str, np.ndarray] = {}
         self.udm_classifier = None
         self.steps_per_epoch = math.ceil(
@@ -481,8 +482,8 @@ class Trainer:
         dataset = dataset or self.eval_set
         if dataset is None:
             return {}
-        if split == "custom" and isinstance(self.reference, CachedReference):
-            self.reference.prepare({**self.reference.datasets, "custom": dataset})
+        if split == "custom":
+            self.reference.attach({"custom": dataset})
         lengths = [e.length for e in dataset.examples]
         order = batch_order(lengths, self.config.batch_size, seed=0, epoch=0)
         if self.config.eval_batches:

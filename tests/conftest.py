@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def write_random_llama(directory: Path, *, seed: int = 0, tie: bool = True, layers: int = 2) -> Path:
+def write_random_llama(
+    directory: Path, *, seed: int = 0, tie: bool = True, layers: int = 2
+) -> Path:
     """A small random Llama in Hugging Face layout that uses the embedded tokenizer."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
