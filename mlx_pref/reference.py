@@ -181,9 +181,13 @@ class LiveReference(Reference):
     name = "adapters-off"
 
     def __init__(
-        self, model: nn.Module, weights: dict[str, mx.array] | None = None, reason: str = ""
+        self,
+        model: nn.Module,
+        weights: dict[str, mx.array] | None = None,
+        reason: str = "",
+        ld_alpha: float | None = None,
     ):
-        super().__init__(reason)
+        super().__init__(reason, ld_alpha)
         self.model = model
         self._weights = weights
 

@@ -179,14 +179,14 @@ class Trainer:
         if cfg.use_weighting and not self.train_set.paired:
             raise ConfigError("use_weighting (WPO) weights pairs: it needs paired data")
         self.loss_state = LossState()
+        self.steps_per_epoch = math.ceil(
+            math.ceil(len(self.train_set) / cfg.batch_size) / cfg.grad_accum
+        )
         self.kto_kl = "kto" in self.loss_weights
         self.reference = self._make_reference(sft_weights)
         self.reference.attach({"train": self.train_set, "eval": self.eval_set})
         self.udm: dict[str, np.ndarray] = {}
         self.udm_classifier = None
-        self.steps_per_epoch = math.ceil(
-            math.ceil(len(self.train_set) / cfg.batch_size) / cfg.grad_accum
-        )
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.optimizer = optim.AdamW(
             learning_rate=lr_schedule(cfg, self.total_steps), weight_decay=cfg.weight_decay
@@ -277,7 +277,7 @@ class Trainer:
                 else "the base with adapters off"
             )
             scorer = LiveReference(
-                self.model, sft_weights, f"{what}, no second copy of the weights"
+                self.model, sft_weights, f"{what}, no second copy of the weights", cfg.ld_alpha
             )
             identity = f"base|{model_fingerprint(self.loaded.path)}"
         live_refresh = cfg.sync_ref_model and cfg.ref_model_sync_steps < self.steps_per_epoch
