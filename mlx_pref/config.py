@@ -126,6 +126,8 @@ class Config:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     seed: int = 0
+    share_prompt: bool = True
+    """Run each prompt once and score chosen and rejected against its cache."""
     # evaluation, logging, checkpoints
     output: str = "runs/mlx-pref"
     eval_every: int = 50

@@ -149,10 +149,14 @@ class Reference:
 
     name = "none"
 
-    def __init__(self, reason: str = "", ld_alpha: float | None = None):
+    def __init__(self, reason: str = "", ld_alpha: float | None = None, share_prompt: bool = True):
         self.reason = reason
         self.ld_alpha = ld_alpha
         """LD-DPO: summarise pairs as the policy does, so both sides match."""
+        self.share_prompt = share_prompt
+
+    def score(self, model: nn.Module, batch: Batch):
+        return sequence_logps(model, batch, share_prompt=self.share_prompt)
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array | None:
         return None
@@ -186,8 +190,9 @@ class LiveReference(Reference):
         weights: dict[str, mx.array] | None = None,
         reason: str = "",
         ld_alpha: float | None = None,
+        share_prompt: bool = True,
     ):
-        super().__init__(reason, ld_alpha)
+        super().__init__(reason, ld_alpha, share_prompt)
         self.model = model
         self._weights = weights
 
@@ -200,9 +205,7 @@ class LiveReference(Reference):
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array:
         with reference_weights(self.model, self._weights):
-            out = mx.stop_gradient(
-                row_logps(sequence_logps(self.model, batch), batch, self.ld_alpha)
-            )
+            out = mx.stop_gradient(row_logps(self.score(self.model, batch), batch, self.ld_alpha))
             mx.eval(out)
         return out
 
@@ -212,13 +215,19 @@ class SeparateModel(Reference):
 
     name = "model"
 
-    def __init__(self, model: nn.Module, reason: str = "", ld_alpha: float | None = None):
-        super().__init__(reason, ld_alpha)
+    def __init__(
+        self,
+        model: nn.Module,
+        reason: str = "",
+        ld_alpha: float | None = None,
+        share_prompt: bool = True,
+    ):
+        super().__init__(reason, ld_alpha, share_prompt)
         self.model = model
         self.model.eval()
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array:
-        out = mx.stop_gradient(row_logps(sequence_logps(self.model, batch), batch, self.ld_alpha))
+        out = mx.stop_gradient(row_logps(self.score(self.model, batch), batch, self.ld_alpha))
         mx.eval(out)
         return out
 

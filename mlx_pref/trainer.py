@@ -265,7 +265,7 @@ class Trainer:
                     f"ref_model {cfg.ref_model} has a different tokenizer from the model"
                 )
             scorer: Reference = SeparateModel(
-                ref.model, "a separate reference model was given", cfg.ld_alpha
+                ref.model, "a separate reference model was given", cfg.ld_alpha, cfg.share_prompt
             )
             identity = f"ref_model|{model_fingerprint(ref.path)}"
         else:
@@ -277,7 +277,11 @@ class Trainer:
                 else "the base with adapters off"
             )
             scorer = LiveReference(
-                self.model, sft_weights, f"{what}, no second copy of the weights", cfg.ld_alpha
+                self.model,
+                sft_weights,
+                f"{what}, no second copy of the weights",
+                cfg.ld_alpha,
+                cfg.share_prompt,
             )
             identity = f"base|{model_fingerprint(self.loaded.path)}"
         live_refresh = cfg.sync_ref_model and cfg.ref_model_sync_steps < self.steps_per_epoch
@@ -391,7 +395,9 @@ class Trainer:
     def _forward(self, batch: Batch, ctx: BatchContext, train: bool):
         """Loss and per-batch metrics for one batch under the current policy."""
         cfg = self.config
-        seq = sequence_logps(self.model, batch, with_p2=cfg.use_weighting)
+        seq = sequence_logps(
+            self.model, batch, with_p2=cfg.use_weighting, share_prompt=cfg.share_prompt
+        )
         logps = row_logps(seq, batch, cfg.ld_alpha)
         chosen_idx = mx.array(np.flatnonzero(batch.labels))
         rejected_idx = mx.array(np.flatnonzero(~batch.labels))
