@@ -67,14 +67,37 @@ def split_lm(model: nn.Module) -> tuple[Callable, Callable] | None:
     return model.model, model.lm_head
 
 
-def _token_logps(
-    logits: mx.array, targets: mx.array, with_p2: bool
-) -> tuple[mx.array, mx.array | None]:
+def _token_logps(logits: mx.array, targets: mx.array) -> mx.array:
+    logits = logits.astype(mx.float32)
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return picked - mx.logsumexp(logits, axis=-1)
+
+
+def _token_logps_p2(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     lse = mx.logsumexp(logits, axis=-1)
-    p2 = mx.logsumexp(2 * logits, axis=-1) - 2 * lse if with_p2 else None
-    return picked - lse, p2
+    return picked - lse, mx.logsumexp(2 * logits, axis=-1) - 2 * lse
+
+
+_HEAD_FNS = {
+    (False, False): _token_logps,
+    (True, False): _token_logps_p2,
+    (False, True): mx.compile(_token_logps, shapeless=True),
+    (True, True): mx.compile(_token_logps_p2, shapeless=True),
+}
+_compiled = False
+
+
+def set_compile(enabled: bool) -> None:
+    """Fuse the head's log-softmax arithmetic with ``mx.compile`` (config ``compile``)."""
+    global _compiled
+    _compiled = enabled
+
+
+def _head_logps(logits: mx.array, targets: mx.array, with_p2: bool):
+    out = _HEAD_FNS[(with_p2, _compiled)](logits, targets)
+    return out if with_p2 else (out, None)
 
 
 def _score(
@@ -85,7 +108,7 @@ def _score(
     hidden = hidden.reshape(-1, hidden.shape[-1])[gather]
     targets = mx.array(targets)
     pieces = [
-        _token_logps(
+        _head_logps(
             head(hidden[i : i + HEAD_CHUNK_ROWS]), targets[i : i + HEAD_CHUNK_ROWS], with_p2
         )
         for i in range(0, len(flat), HEAD_CHUNK_ROWS)

@@ -45,7 +45,7 @@ from mlx_pref.config import Config, load_config
 from mlx_pref.data import Batch, Dataset, UnpairedExample, collate, load_datasets
 from mlx_pref.data.batching import batch_order
 from mlx_pref.errors import ConfigError, MlxPrefError
-from mlx_pref.logps import row_logps, sequence_logps, split_lm, wpo_weights
+from mlx_pref.logps import row_logps, sequence_logps, set_compile, split_lm, wpo_weights
 from mlx_pref.losses import (
     LossState,
     beta_at,
@@ -57,7 +57,7 @@ from mlx_pref.losses import (
     preference_loss,
     sample_prompt_indices,
 )
-from mlx_pref.models import LoadedModel, load_model
+from mlx_pref.models import LoadedModel, enable_grad_checkpoint, load_model
 from mlx_pref.progress import MetricsLog, Progress, format_metrics
 from mlx_pref.reference import (
     CachedReference,
@@ -166,6 +166,9 @@ class Trainer:
         )
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.adapter_config, sft_weights = self._attach_adapters()
+        if cfg.grad_checkpoint:
+            enable_grad_checkpoint(self.model)
+        set_compile(cfg.compile)
         self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer)
         self.loss_weights = parse_loss(cfg.loss)
         self.loss_specs = [get_loss(name) for name in self.loss_weights]
@@ -395,9 +398,9 @@ class Trainer:
     def _forward(self, batch: Batch, ctx: BatchContext, train: bool):
         """Loss and per-batch metrics for one batch under the current policy."""
         cfg = self.config
-        seq = sequence_logps(
-            self.model, batch, with_p2=cfg.use_weighting, share_prompt=cfg.share_prompt
-        )
+        # The prefix cache must not be replayed by a checkpointed backward pass.
+        share = cfg.share_prompt and not cfg.grad_checkpoint
+        seq = sequence_logps(self.model, batch, with_p2=cfg.use_weighting, share_prompt=share)
         logps = row_logps(seq, batch, cfg.ld_alpha)
         chosen_idx = mx.array(np.flatnonzero(batch.labels))
         rejected_idx = mx.array(np.flatnonzero(~batch.labels))

@@ -292,3 +292,18 @@ def test_every_init_template_runs(template, tiny_model, prefs, tmp_path, monkeyp
     )  # fmt: skip
     final = Trainer(config_from_dict(raw), verbose=False).train()
     assert np.isfinite(final["eval/loss"])
+
+
+def test_grad_checkpointing_and_compile_leave_the_step_unchanged(make_config, tmp_path):
+    results = {}
+    for name, extra in {
+        "plain": {},
+        "checkpointed": {"grad_checkpoint": True},
+        "compiled": {"compile": True},
+        "unshared": {"share_prompt": False},
+    }.items():
+        trainer = Trainer(make_config(output=str(tmp_path / name), **extra), verbose=False)
+        results[name] = trainer.train_step(trainer._step_batches(0)).metrics
+    for name in ("checkpointed", "compiled", "unshared"):
+        assert results[name]["loss"] == pytest.approx(results["plain"]["loss"], rel=1e-6)
+        assert results[name]["grad_norm"] == pytest.approx(results["plain"]["grad_norm"], rel=1e-4)
