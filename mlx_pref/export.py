@@ -41,9 +41,9 @@ from mlx_pref.config import Config, load_config
 from mlx_pref.errors import MlxPrefError
 from mlx_pref.models import embedded_root, load_model, resolve_model_path
 from mlx_pref.progress import read_metrics
-from mlx_pref.trainer import RESOLVED_CONFIG
 
 FORMATS = ("mlx", "peft", "fused")
+RUN_CONFIG = "config.yaml"  # the resolved Config the trainer writes (trainer.RESOLVED_CONFIG)
 CARD_FILE = "README.md"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -134,7 +134,7 @@ def read_run(run_dir: str | Path) -> Run:
         raise ExportError(f"{adapter_dir}: no such run directory")
     in_checkpoint = adapter_dir.parent.name == CHECKPOINTS
     root = adapter_dir.parent.parent if in_checkpoint else adapter_dir
-    for path in (root / RESOLVED_CONFIG, adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_FILE):
+    for path in (root / RUN_CONFIG, adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_FILE):
         if not path.is_file():
             raise ExportError(f"{path} is missing: {_missing_hint(root, path)}")
     step = read_state(adapter_dir)["step"] if in_checkpoint else None
@@ -142,7 +142,7 @@ def read_run(run_dir: str | Path) -> Run:
     return Run(
         root=root,
         adapter_dir=adapter_dir,
-        config=load_config(root / RESOLVED_CONFIG),
+        config=load_config(root / RUN_CONFIG),
         adapter_config=json.loads((adapter_dir / ADAPTER_CONFIG).read_text()),
         step=step,
         metrics=metrics,
