@@ -19,7 +19,8 @@ from mlx_pref.config import Config
 if TYPE_CHECKING:
     from mlx_pref.export import BaseModel, Run
 
-# Config fields the card shows in its settings table, in this order.
+# Config fields the card always shows in its settings table, in this order; other
+# fields appear when they differ from their defaults.
 SETTINGS = (
     "loss",
     "beta",
@@ -43,6 +44,8 @@ SETTINGS = (
 # Fields that are paths, logging or bookkeeping: never in the card.
 PRIVATE = {
     "model",
+    "adapter",
+    "ref_cache_dir",
     "data",
     "eval_data",
     "ref_model",
@@ -107,9 +110,11 @@ def settings_table(
     config: Config, adapter_config: dict, dora: bool, steps: int | None
 ) -> list[str]:
     """The loss, its parameters and the training settings, as a Markdown table."""
-    values = config.to_dict()
+    values, defaults = config.to_dict(), Config().to_dict()
     keys = [k for k in SETTINGS if values.get(k) is not None]
-    keys += [k for k in values if k not in SETTINGS and k not in PRIVATE and values[k] is not None]
+    keys += [  # anything else (a loss's own parameters, reference refresh) when it was set
+        k for k in values if k not in SETTINGS and k not in PRIVATE and values[k] != defaults[k]
+    ]
     rows = [f"| {k} | {_fmt(values[k])} |" for k in keys]
     if steps is not None:
         rows.insert(0, f"| steps trained | {steps} |")
@@ -120,6 +125,8 @@ def settings_table(
         f"| adapter | {kind}, rank {params['rank']}, alpha {_fmt(params['scale'] * params['rank'])}"
         f" (scale {_fmt(params['scale'])}), dropout {_fmt(params.get('dropout', 0.0))} |"
     )
+    if config.adapter:
+        rows.append(f"| started from | the SFT adapter `{Path(config.adapter).name}` |")
     rows.append(f"| adapted modules | {', '.join(params.get('keys') or ['all'])} |")
     rows.append(f"| adapted blocks | last {layers} |")
     return ["| setting | value |", "|---|---|", *rows]

@@ -410,6 +410,8 @@ def test_card_names_base_loss_data_and_final_metrics(tmp_path, untied_base):
     run = make_run(tmp_path / "run", base, targets=["q_proj"], dora=True)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg.update(data=str(data), loss={"sigmoid": 0.7, "bco": 0.3}, label_smoothing=0.1)
+    cfg.update(sync_ref_model=True, ref_cache_dir=str(data.parent / "cache"))
+    cfg.update(adapter=str(data.parent / "sft-adapter"))
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     card = (
         export_run(run, "peft", tmp_path / "out", repo_id="me/tiny-dpo") / "README.md"
@@ -425,7 +427,10 @@ def test_card_names_base_loss_data_and_final_metrics(tmp_path, untied_base):
     assert "| beta | 0.25 |" in card and "| label_smoothing | 0.1 |" in card
     assert "| loss | sigmoid 0.7, bco 0.3 |" in card
     assert "- train: `prefs.jsonl` (3 rows)" in card
-    assert "secret-dir" not in card
+    assert "| sync_ref_model | True |" in card  # set: shown
+    assert "ref_model_sync_steps" not in card  # left at its default: not shown
+    assert "| started from | the SFT adapter `sft-adapter` |" in card
+    assert "secret-dir" not in card  # no local directories, of data or anything else
     assert "At step 10:" in card and "| eval/loss | 0.5921 |" in card
     assert "| eval/rewards/accuracies | 0.8125 |" in card
     assert 'AutoModelForCausalLM.from_pretrained("acme/tiny-llama")' in card
