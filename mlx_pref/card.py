@@ -234,7 +234,11 @@ def usage(base: BaseModel, fmt: str, library: str, location: str, on_hub: bool) 
             f"model, tokenizer = load({base_code}, adapter_path={where})",
             'print(generate(model, tokenizer, prompt="Hello", max_tokens=64))',
         ]
-        return ["## Use with mlx-lm", "", "```python", *code, "```"]
+        out = ["## Use with mlx-lm", "", "```python", *code, "```"]
+        if not on_hub and not base_imports:
+            command = f"mlx_lm.generate --model {base_code} --adapter-path {where} --prompt Hello"
+            out += ["", "or from the shell:", "", "```bash", command, "```"]
+        return out
     if fmt == "peft":
         code = [
             *base_imports,

@@ -175,6 +175,12 @@ def front_matter(card: str) -> dict:
     return yaml.safe_load(card.split("---\n")[1])
 
 
+def card_code(card: str, heading: str) -> str:
+    """The Python snippet under ``## heading`` in a model card."""
+    section = card.split(f"## {heading}\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
 def digest(folder: Path) -> dict[str, str]:
     return {
         p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -231,6 +237,9 @@ def test_peft_lora_matches_mlx(torch_stack, tmp_path, request, tied):
     diff = np.abs(peft_logits(torch_stack, base, out) - expected).max()
     print(f"peft lora {'tied' if tied else 'untied'}: max |logit diff| {diff:.2e}")
     assert diff <= PARITY_TOL
+    snippet: dict = {}
+    exec(card_code((out / "README.md").read_text(), "Use with PEFT"), snippet)
+    assert np.abs(torch_logits(torch_stack[0], snippet["model"]) - expected).max() <= PARITY_TOL
     config = json.loads((out / "adapter_config.json").read_text())
     assert ("lm_head" in config["target_modules"]) == tied
     assert config.get("ensure_weight_tying", False) == tied
@@ -273,6 +282,9 @@ def test_fused_matches_mlx_in_transformers_and_mlx_lm(torch_stack, tmp_path, req
     print(f"fused {request.node.callspec.id}: transformers {diff:.2e}, mlx-lm {reload_diff:.2e}")
     assert diff <= PARITY_TOL
     assert reload_diff <= PARITY_TOL
+    card = (out / "README.md").read_text()
+    for heading in ("Use with transformers", "Use with mlx-lm"):
+        exec(card_code(card, heading), {})
     assert mx.load(str(out / "model.safetensors"), return_metadata=True)[1] == {"format": "pt"}
     assert {"tokenizer.json", "tokenizer_config.json", "generation_config.json"} <= {
         p.name for p in out.iterdir()
@@ -393,7 +405,14 @@ def test_mlx_export_loads_in_mlx_lm(tmp_path, lora_run, untied_base):
     assert meta["library_name"] == "mlx"
     assert meta["tags"] == ["mlx-pref", "dpo", "lora", "mlx"]
     assert "base_model" not in meta  # a local base without a known Hub id
-    assert f'adapter_path="{out}"' in card
+    snippet: dict = {}
+    exec(card_code(card, "Use with mlx-lm"), snippet)  # loads and generates
+    logits = np.array(snippet["model"](mx.array(batch())))
+    assert np.array_equal(logits, mlx_logits(untied_base, lora_run))
+    command = card.split("```bash\n", 1)[1].split("\n", 1)[0]
+    assert command == (
+        f'mlx_lm.generate --model "{untied_base}" --adapter-path "{out}" --prompt Hello'
+    )
 
 
 def test_card_names_base_loss_data_and_final_metrics(tmp_path, untied_base):
