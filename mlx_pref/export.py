@@ -239,6 +239,8 @@ def export_run(
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if dequantize and fmt != "fused":
         raise ExportError("--dequantize applies to --format fused only")
+    if base is not None:
+        validate_repo_id(base, "--base-model")
     run = read_run(run_dir)
     output = Path(output) if output is not None else default_output(run_dir, fmt)
     _check_output(output, run, overwrite)
@@ -654,7 +656,7 @@ def _fused_notes(
 
 
 # ------------------------------------------------------------------------------ the Hub
-def validate_repo_id(repo_id: str) -> None:
+def validate_repo_id(repo_id: str, flag: str = "--push-to-hub") -> None:
     """Reject a malformed Hub repo id before any work is done."""
     from huggingface_hub.utils import HFValidationError
     from huggingface_hub.utils import validate_repo_id as hub_validate
@@ -662,7 +664,7 @@ def validate_repo_id(repo_id: str) -> None:
     try:
         hub_validate(repo_id)
     except HFValidationError as exc:
-        raise HubError(f"--push-to-hub {repo_id!r}: {str(exc).splitlines()[0]}") from None
+        raise HubError(f"{flag} {repo_id!r}: {str(exc).splitlines()[0]}") from None
 
 
 def upload_files(folder: str | Path) -> list[tuple[str, int]]:

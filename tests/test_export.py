@@ -377,6 +377,21 @@ def test_peft_embedding_and_dora_names(tmp_path, untied_base, tied_base):
     assert np.array_equal(np.array(magnitude), np.array(m))
 
 
+def test_peft_from_a_4bit_run_targets_the_float_model(tmp_path, untied_base):
+    run = make_run(tmp_path / "run", untied_base, targets=["up_proj"], quantization="4bit")
+    out = export_run(run, "peft", tmp_path / "peft", base="acme/tiny-llama")
+    tensors = mx.load(str(out / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.mlp.up_proj"
+    assert tensors[f"{key}.lora_A.weight"].shape == (4, 64)  # float dims, not packed ones
+    assert tensors[f"{key}.lora_B.weight"].shape == (128, 4)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "acme/tiny-llama"
+    card = (out / "README.md").read_text()
+    assert "(QLoRA). The PEFT adapter applies to the original float model" in card
+    with pytest.raises(HubError, match="--base-model"):
+        export_run(run, "peft", tmp_path / "other", base="not a repo id")
+
+
 def test_peft_refuses_dora_on_embeddings(tmp_path, untied_base):
     run = make_run(
         tmp_path / "run",
