@@ -126,6 +126,12 @@ class Config:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     seed: int = 0
+    share_prompt: bool = True
+    """Run each prompt once and score chosen and rejected against its cache."""
+    grad_checkpoint: bool = False
+    """Recompute block activations in the backward pass (less memory, ~1/3 more compute)."""
+    compile: bool = False
+    """Fuse the LM head's log-softmax arithmetic with mx.compile (pays on GPUs)."""
     # evaluation, logging, checkpoints
     output: str = "runs/mlx-pref"
     eval_every: int = 50

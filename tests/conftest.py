@@ -6,12 +6,12 @@ import json
 import shutil
 from pathlib import Path
 
-import mlx_pref  # noqa: F401  (loads the fast BLAS before mlx.core)
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.llama import Model, ModelArgs
 
+import mlx_pref  # noqa: F401  (loads the fast BLAS before mlx.core)
 from mlx_pref.config import Config, config_from_dict
 from mlx_pref.data import embedded_data
 from mlx_pref.models import embedded_root
@@ -20,7 +20,9 @@ REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def write_random_llama(directory: Path, *, seed: int = 0, tie: bool = True, layers: int = 2) -> Path:
+def write_random_llama(
+    directory: Path, *, seed: int = 0, tie: bool = True, layers: int = 2
+) -> Path:
     """A small random Llama in Hugging Face layout that uses the embedded tokenizer."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
