@@ -21,6 +21,8 @@ import yaml
 from mlx_pref.errors import ConfigError
 from mlx_pref.losses import BETA_SCHEDULES, REGISTRY, parse_loss
 
+RUN_CONFIG = "config.yaml"
+"""The resolved config a run writes into its directory."""
 QUANTIZATION_BITS = {"4bit": 4, "8bit": 8}
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -141,6 +143,10 @@ class Config:
     keep_last: int | None = 3
     max_nonfinite: int = 5
     """Stop (with a checkpoint) after this many non-finite steps in a row."""
+    # sharing
+    push_to_hub: str | None = None
+    """At the end of training, export the adapter (mlx-lm format + model card) and upload it."""
+    hub_private: bool = False
 
     def validate(self) -> Config:
         """Range and choice checks; raises ConfigError with what to write instead."""

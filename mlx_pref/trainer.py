@@ -41,7 +41,7 @@ from mlx_pref.checkpoint import (
     read_state,
     write_checkpoint,
 )
-from mlx_pref.config import Config, load_config
+from mlx_pref.config import RUN_CONFIG, Config, load_config
 from mlx_pref.data import Batch, Dataset, UnpairedExample, collate, load_datasets
 from mlx_pref.data.batching import batch_order
 from mlx_pref.errors import ConfigError, MlxPrefError
@@ -70,7 +70,6 @@ from mlx_pref.reference import (
     reference_weights,
 )
 
-RESOLVED_CONFIG = "config.yaml"
 OPTIMIZER_FILE = "optimizer.safetensors"
 REF_ADAPTER_FILE = "reference_adapters.safetensors"
 LOG_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_sec")
@@ -522,7 +521,7 @@ class Trainer:
                     f"'mlx-pref train --resume {self.run_dir}', or pick another --output "
                     "(or pass --overwrite)"
                 )
-            cfg.save(self.run_dir / RESOLVED_CONFIG)
+            cfg.save(self.run_dir / RUN_CONFIG)
             self.metrics_log.truncate_after(0)
         self._log(
             f"training {self.total_steps} steps: {len(self.train_set)} "
@@ -568,6 +567,13 @@ class Trainer:
             self.progress.close()
         save_adapters(self.model, self.run_dir, self.adapter_config)
         self._log(f"adapters saved to {self.run_dir}")
+        if cfg.push_to_hub:
+            from mlx_pref.export import export_and_push
+
+            folder = export_and_push(self.run_dir, cfg.push_to_hub, private=cfg.hub_private)
+            self._log(
+                f"exported to {folder} and pushed to https://huggingface.co/{cfg.push_to_hub}"
+            )
         return last
 
     def _refresh_reference(self) -> None:
@@ -636,8 +642,8 @@ class Trainer:
         settings that would change the result of the steps already taken are refused.
         """
         run_dir = Path(run_dir)
-        if not (run_dir / RESOLVED_CONFIG).exists():
-            raise ConfigError(f"{run_dir} is not a run directory: {RESOLVED_CONFIG} is missing")
+        if not (run_dir / RUN_CONFIG).exists():
+            raise ConfigError(f"{run_dir} is not a run directory: {RUN_CONFIG} is missing")
         overrides = dict(overrides or {})
         allowed = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "keep_last"}
         if set(overrides) - allowed:
@@ -645,7 +651,7 @@ class Trainer:
                 f"--resume continues a run with its saved config; only {', '.join(sorted(allowed))} "
                 f"can change, not {', '.join(sorted(set(overrides) - allowed))}"
             )
-        config = load_config(run_dir / RESOLVED_CONFIG, {**overrides, "output": str(run_dir)})
+        config = load_config(run_dir / RUN_CONFIG, {**overrides, "output": str(run_dir)})
         trainer = cls(config, **kwargs)
         path = latest_valid(run_dir, warn=trainer._log)
         if path is None:
