@@ -260,3 +260,25 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlx-pref"
     )
     return Path(root)
+
+
+_group = None
+
+
+def distributed_group():
+    """``mx.distributed``'s global group: the processes ``mlx.launch`` started (ring between
+    Macs or local processes, MPI, NCCL on CUDA hosts), or a group of one otherwise."""
+    global _group
+    if _group is None:
+        import mlx.core as mx
+
+        _group = mx.distributed.init()
+    return _group
+
+
+def all_sum(x, group=None):
+    """Sum ``x`` over the processes of ``group`` (identity for a single process)."""
+    import mlx.core as mx
+
+    group = group or distributed_group()
+    return x if group.size() == 1 else mx.distributed.all_sum(x, group=group)

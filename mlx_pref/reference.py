@@ -34,6 +34,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from mlx_pref.adapters import adapter_parameters, adapters_disabled
+from mlx_pref.backend import all_sum, distributed_group
 from mlx_pref.data.batching import Batch, iterate_batches
 from mlx_pref.logps import row_logps, sequence_logps
 from mlx_pref.progress import Progress
@@ -308,7 +309,9 @@ class CachedReference(Reference):
         paired = dataset.paired
         n = len(dataset)
         out = np.zeros((n, 2) if paired else (n,), dtype=np.float32)
+        group = distributed_group()
         batches = list(iterate_batches(dataset.examples, CACHE_BATCH_SIZE, seed=0, epoch=0))
+        batches = batches[group.rank() :: group.size()]  # each process scores its share
         bar = Progress(len(batches), enabled=self.show_progress)
         bar.message(f"computing reference log-probs for {split} ({n} examples)")
         for i, batch in enumerate(batches, 1):
@@ -321,9 +324,11 @@ class CachedReference(Reference):
             self.computed_rows += len(logps)
             bar.update(i, {})
         bar.close()
-        return out
+        return np.asarray(all_sum(mx.array(out), group))
 
     def _store(self, path: Path, values: np.ndarray, dataset) -> None:
+        if distributed_group().rank() != 0:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
         meta = {"format": CACHE_FORMAT, "dataset": dataset.name, "examples": str(len(dataset))}

@@ -36,6 +36,7 @@ from mlx_pref.adapters import (
 )
 from mlx_pref.checkpoint import (
     STATE,
+    checkpoint_dir,
     latest_valid,
     list_checkpoints,
     read_state,
@@ -154,7 +155,11 @@ class Trainer:
         verbose: bool = True,
     ):
         self.config = cfg = config
-        self.verbose = verbose
+        self.group = backend.distributed_group()
+        self.world, self.rank = self.group.size(), self.group.rank()
+        self.is_main = self.rank == 0
+        """Only the first process writes checkpoints, metrics, logs and exports."""
+        self.verbose = verbose and self.is_main
         self.run_dir = Path(cfg.output)
         mx.random.seed(cfg.seed)
         self.loaded = loaded or load_model(
@@ -181,9 +186,9 @@ class Trainer:
         if cfg.use_weighting and not self.train_set.paired:
             raise ConfigError("use_weighting (WPO) weights pairs: it needs paired data")
         self.loss_state = LossState()
-        self.steps_per_epoch = math.ceil(
-            math.ceil(len(self.train_set) / cfg.batch_size) / cfg.grad_accum
-        )
+        self.steps_per_epoch = math.ceil(len(self._epoch_batches(0)) / cfg.grad_accum)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{self.train_set.name}: too few examples for {self.world} processes")
         self.kto_kl = "kto" in self.loss_weights
         self.reference = self._make_reference(sft_weights)
         self.reference.attach({"train": self.train_set, "eval": self.eval_set})
@@ -196,8 +201,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
-        self.metrics_log = MetricsLog(self.run_dir)
-        self.progress = Progress(self.total_steps, enabled=verbose)
+        self.metrics_log = MetricsLog(self.run_dir, enabled=self.is_main)
+        self.progress = Progress(self.total_steps, enabled=self.verbose)
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
         self._interrupted = False
 
@@ -367,9 +372,20 @@ class Trainer:
             f"(train mean weight {self.udm['train'].mean():.3f})"
         )
 
+    def _shard(self, dataset: Dataset, seed: int, epoch: int, drop_short: bool) -> list[np.ndarray]:
+        """This process's share of each batch: the epoch is ordered in global batches of
+        ``batch_size x world`` examples and each process takes its slice, so N processes
+        with batch B see exactly what one process with batch N x B sees."""
+        lengths = [e.length for e in dataset.examples]
+        order = batch_order(lengths, self.config.batch_size * self.world, seed=seed, epoch=epoch)
+        if self.world == 1:
+            return order
+        if drop_short and order and len(order[-1]) < self.world:
+            order = order[:-1]  # every process needs at least one example per step
+        return [np.array_split(idx, self.world)[self.rank] for idx in order]
+
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        lengths = [e.length for e in self.train_set.examples]
-        return batch_order(lengths, self.config.batch_size, seed=self.config.seed, epoch=epoch)
+        return self._shard(self.train_set, self.config.seed, epoch, drop_short=True)
 
     def _step_batches(self, step: int) -> list[Batch]:
         """The micro-batches of optimizer step ``step`` (0-based), a pure function of it."""
@@ -445,7 +461,9 @@ class Trainer:
         mx.random.seed(self.config.seed * 1_000_003 + self.step)  # dropout: exact on resume
         t0 = time.perf_counter()
         backend.reset_peak_memory()
-        total = sum(b.num_examples for b in batches)
+        # Weights n_b / n_total over every micro-batch of every process: the step's
+        # gradient and metrics are those of one big batch.
+        total = float(backend.all_sum(mx.array(sum(b.num_examples for b in batches), mx.float32)))
         grads, metrics = None, {}
         for batch in batches:
             ctx = self._context(batch, "train", self.train_set)
@@ -457,6 +475,9 @@ class Trainer:
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + w * v
             mx.eval(grads, metrics)
+        if self.world > 1:
+            grads = nn.average_gradients(tree_map(lambda x: x * self.world, grads))
+            metrics = self._sum_metrics(metrics)
         if self.config.max_grad_norm is not None:
             grads, norm = optim.clip_grad_norm(grads, self.config.max_grad_norm)
         else:
@@ -483,6 +504,12 @@ class Trainer:
         self.step += 1
         return StepResult(out["loss"], out)
 
+    def _sum_metrics(self, metrics: dict) -> dict:
+        """Sum a dict of scalars over processes (one collective, keys in a fixed order)."""
+        keys = sorted(metrics)
+        summed = backend.all_sum(mx.stack([mx.array(metrics[k], mx.float32) for k in keys]))
+        return dict(zip(keys, summed))
+
     # ------------------------------------------------------------ evaluation
     def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
         """Mean loss and TRL metrics over the held-out set, prefixed ``eval/``."""
@@ -492,22 +519,26 @@ class Trainer:
             return {}
         if split == "custom":
             self.reference.attach({"custom": dataset})
-        lengths = [e.length for e in dataset.examples]
-        order = batch_order(lengths, self.config.batch_size, seed=0, epoch=0)
+        if len(dataset) < self.world:
+            raise ConfigError(f"{dataset.name}: fewer eval examples than processes ({self.world})")
+        order = self._shard(dataset, seed=0, epoch=0, drop_short=False)
         if self.config.eval_batches:
             order = order[: self.config.eval_batches]
-        sums: dict[str, float] = {}
-        count = 0
+        sums: dict[str, mx.array] = {}
         for idx in order:
+            if len(idx) == 0:  # this process's slice of a short last batch
+                continue
             batch = collate([dataset.examples[i] for i in idx], idx)
             ctx = self._context(batch, split, dataset)
             loss, metrics = self._forward(batch, ctx, train=False)
-            mx.eval(loss, metrics)
             n = batch.num_examples
-            for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + n * float(v)
-            count += n
-        return {f"eval/{k}": v / count for k, v in sums.items()}
+            for k, v in {"loss": loss, "count": mx.array(1.0), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + n * v
+            mx.eval(sums)
+        if self.world > 1:
+            sums = self._sum_metrics(sums)
+        count = float(sums.pop("count"))
+        return {f"eval/{k}": float(v) / count for k, v in sums.items()}
 
     # ------------------------------------------------------------- the loop
     def train(self) -> dict[str, float]:
@@ -521,7 +552,8 @@ class Trainer:
                     f"'mlx-pref train --resume {self.run_dir}', or pick another --output "
                     "(or pass --overwrite)"
                 )
-            cfg.save(self.run_dir / RUN_CONFIG)
+            if self.is_main:
+                cfg.save(self.run_dir / RUN_CONFIG)
             self.metrics_log.truncate_after(0)
         self._log(
             f"training {self.total_steps} steps: {len(self.train_set)} "
@@ -565,6 +597,8 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, previous)
             self.progress.close()
+        if not self.is_main:
+            return last
         save_adapters(self.model, self.run_dir, self.adapter_config)
         self._log(f"adapters saved to {self.run_dir}")
         if cfg.push_to_hub:
@@ -616,8 +650,9 @@ class Trainer:
             if self.reference.weights is not None:
                 mx.save_safetensors(str(tmp / REF_ADAPTER_FILE), self.reference.weights)
 
-        path = write_checkpoint(self.run_dir, self.step, write, self.config.keep_last)
-        return path
+        if not self.is_main:
+            return checkpoint_dir(self.run_dir, self.step)
+        return write_checkpoint(self.run_dir, self.step, write, self.config.keep_last)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore adapters, optimizer and loop state from a checkpoint directory."""

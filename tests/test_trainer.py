@@ -106,7 +106,7 @@ def test_grad_accumulation_equals_one_big_batch(make_config, tmp_path):
     # The accumulated gradient is the big batch's: same loss, same gradient norm, same update.
     assert two.loss == pytest.approx(one.loss, rel=1e-6)
     assert two.metrics["grad_norm"] == pytest.approx(one.metrics["grad_norm"], rel=1e-5)
-    assert two.metrics["rewards/margins"] == pytest.approx(one.metrics["rewards/margins"], abs=1e-7)
+    assert two.metrics["rewards/margins"] == pytest.approx(one.metrics["rewards/margins"], abs=1e-6)
     # Adam's first step is ~lr * sign(g); gradients near zero make single entries differ
     # by float rounding, so compare updates to 1% of the learning rate.
     for key, value in adapter_parameters(ta.model).items():
