@@ -146,6 +146,12 @@ def backend_name() -> str:
     return "gpu"
 
 
+def sequence_multiple() -> int:
+    """Pad sequence lengths to a multiple of this. MLX's CUDA fused attention has a
+    backward pass only for lengths that are multiples of 128; elsewhere 1 (no padding)."""
+    return 128 if backend_name() == "cuda" else 1
+
+
 def device_info() -> dict:
     """``mx.device_info()`` where the backend offers it (its keys differ per backend)."""
     import mlx.core as mx

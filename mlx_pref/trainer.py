@@ -160,6 +160,7 @@ class Trainer:
         self.is_main = self.rank == 0
         """Only the first process writes checkpoints, metrics, logs and exports."""
         self.verbose = verbose and self.is_main
+        self.progress = Progress(0, enabled=self.verbose)
         self.run_dir = Path(cfg.output)
         mx.random.seed(cfg.seed)
         self.loaded = loaded or load_model(
@@ -169,6 +170,8 @@ class Trainer:
             dequantize=cfg.dequantize,
         )
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        for note in self.loaded.notes:
+            self._log(note)
         self.adapter_config, sft_weights = self._attach_adapters()
         if cfg.grad_checkpoint:
             enable_grad_checkpoint(self.model)
@@ -202,7 +205,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self.metrics_log = MetricsLog(self.run_dir, enabled=self.is_main)
-        self.progress = Progress(self.total_steps, enabled=self.verbose)
+        self.progress.total = self.total_steps
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
         self._interrupted = False
 

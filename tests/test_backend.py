@@ -79,3 +79,20 @@ def test_blas_can_be_switched_off(tmp_path):
     )  # fmt: skip
     expected = "disabled by MLX_PREF_BLAS=off" if sys.platform.startswith("linux") else "not needed"
     assert expected in proc.stdout
+
+
+def test_cuda_specifics_without_a_gpu(monkeypatch):
+    """What the CUDA backend changes, checked on any machine by faking what MLX reports."""
+    monkeypatch.setattr(backend, "backend_name", lambda: "cuda")
+    assert backend.sequence_multiple() == 128  # fused attention backward needs 128-multiples
+    assert backend.set_wired_limit() is None  # wiring memory is an Apple-only call
+    monkeypatch.setattr(
+        backend, "device_info", lambda: {"device_name": "NVIDIA H100", "total_memory": 80 * 2**30}
+    )
+    assert backend.total_memory() == 80 * 2**30
+    monkeypatch.setattr(
+        backend, "device_info", lambda: {"max_recommended_working_set_size": 12 * 2**30}
+    )
+    assert backend.total_memory() == 12 * 2**30  # Metal: the recommended working set
+    monkeypatch.setattr(backend, "backend_name", lambda: "cpu")
+    assert backend.sequence_multiple() == 1
