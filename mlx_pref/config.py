@@ -138,6 +138,11 @@ class Config:
     output: str = "runs/mlx-pref"
     eval_every: int = 50
     eval_batches: int | None = None
+    generate_during_eval: bool = False
+    """At each evaluation, sample greedy completions for a few fixed eval prompts from the
+    policy and the reference, into samples.jsonl (TRL's generate_during_eval)."""
+    generate_prompts: int = 3
+    generate_max_tokens: int = 64
     log_every: int = 10
     save_every: int = 100
     keep_last: int | None = 3
@@ -191,6 +196,8 @@ class Config:
             "max_nonfinite",
         ):
             _positive(key, getattr(self, key))
+        _positive("generate_prompts", self.generate_prompts)
+        _positive("generate_max_tokens", self.generate_max_tokens)
         for key in ("max_steps", "max_prompt_length", "eval_batches", "keep_last"):
             if getattr(self, key) is not None:
                 _positive(key, getattr(self, key))

@@ -173,6 +173,11 @@ class Reference:
     def set_weights(self, weights: dict[str, mx.array] | None) -> None:
         raise ValueError(f"the '{self.name}' reference cannot be refreshed")
 
+    @contextmanager
+    def as_model(self) -> Iterator[nn.Module | None]:
+        """The reference as a model to generate with (None when there is none)."""
+        yield None
+
     def attach(self, datasets: dict) -> None:
         """The datasets whose rows ``logps(batch, split)`` will be asked about, by split."""
 
@@ -204,6 +209,11 @@ class LiveReference(Reference):
     def set_weights(self, weights: dict[str, mx.array] | None) -> None:
         self._weights = weights
 
+    @contextmanager
+    def as_model(self) -> Iterator[nn.Module]:
+        with reference_weights(self.model, self._weights):
+            yield self.model
+
     def logps(self, batch: Batch, split: str = "train") -> mx.array:
         with reference_weights(self.model, self._weights):
             out = mx.stop_gradient(row_logps(self.score(self.model, batch), batch, self.ld_alpha))
@@ -226,6 +236,10 @@ class SeparateModel(Reference):
         super().__init__(reason, ld_alpha, share_prompt)
         self.model = model
         self.model.eval()
+
+    @contextmanager
+    def as_model(self) -> Iterator[nn.Module]:
+        yield self.model
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array:
         out = mx.stop_gradient(row_logps(self.score(self.model, batch), batch, self.ld_alpha))
@@ -338,6 +352,9 @@ class CachedReference(Reference):
 
     def live_logps(self, batch: Batch) -> mx.array:
         return self.scorer.logps(batch)
+
+    def as_model(self):
+        return self.scorer.as_model()
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array:
         values = self._values(split)

@@ -73,6 +73,7 @@ from mlx_pref.reference import (
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 REF_ADAPTER_FILE = "reference_adapters.safetensors"
+SAMPLES_FILE = "samples.jsonl"
 LOG_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_sec")
 EVAL_KEYS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
 
@@ -205,6 +206,7 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self.metrics_log = MetricsLog(self.run_dir, enabled=self.is_main)
+        self.samples_log = MetricsLog(self.run_dir, enabled=self.is_main, name=SAMPLES_FILE)
         self.progress.total = self.total_steps
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
         self._interrupted = False
@@ -558,6 +560,7 @@ class Trainer:
             if self.is_main:
                 cfg.save(self.run_dir / RUN_CONFIG)
             self.metrics_log.truncate_after(0)
+            self.samples_log.truncate_after(0)
         self._log(
             f"training {self.total_steps} steps: {len(self.train_set)} "
             f"{'pairs' if self.train_set.paired else 'rows'}, loss {cfg.loss}, output {self.run_dir}"
@@ -670,6 +673,7 @@ class Trainer:
         self.loss_state.load_state_dict(state["loss_state"])
         mx.eval(self.model.parameters(), self.optimizer.state)
         self.metrics_log.truncate_after(self.step)
+        self.samples_log.truncate_after(self.step)
         self.progress.start = self.step
 
     @classmethod
@@ -715,8 +719,41 @@ class Trainer:
         self._log(f"step {self.step}: " + format_metrics(record, LOG_KEYS))
         return record
 
+    def generate_samples(self) -> list[dict]:
+        """Greedy completions for the first few eval prompts from the policy and the
+        reference, side by side (written to samples.jsonl at each evaluation)."""
+        from mlx_lm import generate
+
+        cfg = self.config
+        dataset = self.eval_set or self.train_set
+        prompts = list(dict.fromkeys(e.prompt for e in dataset.examples))[: cfg.generate_prompts]
+        out = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for prompt in prompts:
+                row = {"step": self.step, "prompt": self.tokenizer.decode(list(prompt))}
+                row["policy"] = generate(
+                    self.model, self.tokenizer, list(prompt), max_tokens=cfg.generate_max_tokens
+                )
+                with self.reference.as_model() as reference:
+                    if reference is not None:
+                        row["reference"] = generate(
+                            reference,
+                            self.tokenizer,
+                            list(prompt),
+                            max_tokens=cfg.generate_max_tokens,
+                        )
+                out.append(row)
+        finally:
+            self.model.train(was_training)
+        return out
+
     def _log_eval(self) -> dict:
         metrics = self.evaluate()
+        if self.config.generate_during_eval and self.is_main:
+            for row in self.generate_samples():
+                self.samples_log.write(row)
         if metrics:
             self.metrics_log.write({"step": self.step, **metrics})
             self._log(f"eval step {self.step}: " + format_metrics(metrics, EVAL_KEYS))
