@@ -314,7 +314,9 @@ def test_generate_during_eval_writes_policy_and_reference_samples(make_config):
                       generate_max_tokens=5)  # fmt: skip
     trainer = Trainer(cfg, verbose=False)
     trainer.train()
-    rows = [json.loads(line) for line in (Path(cfg.output) / "samples.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (Path(cfg.output) / "samples.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in rows] == [2, 2]
     prompts = list(dict.fromkeys(e.prompt for e in trainer.eval_set.examples))[:2]
     assert [r["prompt"] for r in rows] == [trainer.tokenizer.decode(list(p)) for p in prompts]
