@@ -74,6 +74,7 @@ class Config:
     format: str = "auto"
     max_length: int = 512
     max_prompt_length: int | None = None
+    max_completion_length: int | None = None
     truncation_mode: str = "keep_end"
     strict: bool = False
     # loss
@@ -125,7 +126,13 @@ class Config:
             "max_nonfinite",
         ):
             _positive(key, getattr(self, key))
-        for key in ("max_steps", "max_prompt_length", "eval_batches", "keep_last"):
+        for key in (
+            "max_steps",
+            "max_prompt_length",
+            "max_completion_length",
+            "eval_batches",
+            "keep_last",
+        ):
             if getattr(self, key) is not None:
                 _positive(key, getattr(self, key))
         if self.warmup_steps < 0:
