@@ -64,6 +64,8 @@ class Config:
 
     # model and adapters
     model: str | None = None
+    adapter: str | None = None
+    """Start from this (SFT) adapter directory; the reference is base + it, frozen."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: str | None = None
     dtype: str | None = None
@@ -84,6 +86,14 @@ class Config:
     # reference
     reference: str = "auto"
     ref_model: str | None = None
+    ref_cache_dir: str | None = None
+    """Where cached reference log-probs live (default: the user cache directory)."""
+    ref_regen_epochs: int | None = None
+    """Copy the student into the reference every N epochs (never at epoch 0)."""
+    sync_ref_model: bool = False
+    """TR-DPO: every ref_model_sync_steps, reference <- alpha * policy + (1 - alpha) * reference."""
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
     # optimisation
     epochs: int = 1
     max_steps: int | None = None
@@ -145,6 +155,18 @@ class Config:
             raise ConfigError(
                 f"label_smoothing must be in [0, 0.5), got {self.label_smoothing} "
                 "(it is the assumed probability that a preference label is flipped)"
+            )
+        if not 0 < self.ref_model_mixup_alpha <= 1:
+            raise ConfigError(
+                f"ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha}"
+            )
+        _positive("ref_model_sync_steps", self.ref_model_sync_steps)
+        if self.ref_regen_epochs is not None:
+            _positive("ref_regen_epochs", self.ref_regen_epochs)
+        if (self.sync_ref_model or self.ref_regen_epochs) and self.ref_model:
+            raise ConfigError(
+                "reference refresh (sync_ref_model / ref_regen_epochs) copies the student into "
+                "the reference, which is the policy's own base plus adapters: drop ref_model"
             )
         if not 0 <= self.eval_split < 1:
             raise ConfigError(f"eval_split must be in [0, 1), got {self.eval_split}")

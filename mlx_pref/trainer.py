@@ -27,7 +27,9 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_pref import backend
 from mlx_pref.adapters import (
     ADAPTER_FILE,
+    adapter_parameters,
     apply_lora,
+    load_adapter_weights,
     save_adapters,
     set_adapter_parameters,
 )
@@ -43,13 +45,22 @@ from mlx_pref.data import Batch, Dataset, collate, load_datasets
 from mlx_pref.data.batching import batch_order
 from mlx_pref.errors import ConfigError, MlxPrefError
 from mlx_pref.logps import sequence_logps
-from mlx_pref.losses import parse_loss, preference_loss
+from mlx_pref.losses import loss_needs_reference, parse_loss, preference_loss
 from mlx_pref.models import LoadedModel, load_model
 from mlx_pref.progress import MetricsLog, Progress, format_metrics
-from mlx_pref.reference import AdaptersOff, Reference
+from mlx_pref.reference import (
+    CachedReference,
+    LiveReference,
+    Reference,
+    SeparateModel,
+    describe,
+    mix_adapters,
+    model_fingerprint,
+)
 
 RESOLVED_CONFIG = "config.yaml"
 OPTIMIZER_FILE = "optimizer.safetensors"
+REF_ADAPTER_FILE = "reference_adapters.safetensors"
 LOG_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_sec")
 EVAL_KEYS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
 
@@ -118,13 +129,13 @@ class Trainer:
             cfg.model, quantization_bits=cfg.quantization_bits, dtype=cfg.dtype
         )
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
-        self.adapter_config = apply_lora(self.model, cfg.lora)
+        self.adapter_config, sft_weights = self._attach_adapters()
         self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer)
         try:
             self.loss_weights = parse_loss(cfg.loss)
         except ValueError as exc:
             raise ConfigError(f"loss: {exc}") from None
-        self.reference = self._make_reference()
+        self.reference = self._make_reference(sft_weights)
         self.steps_per_epoch = math.ceil(
             math.ceil(len(self.train_set) / cfg.batch_size) / cfg.grad_accum
         )
@@ -141,8 +152,97 @@ class Trainer:
         self._interrupted = False
 
     # ----------------------------------------------------------------- pieces
-    def _make_reference(self) -> Reference:
-        return AdaptersOff(self.model)
+    def _attach_adapters(self) -> tuple[dict, dict | None]:
+        """Fresh LoRA adapters, or (``adapter``) the SFT adapter to start from.
+
+        Returns the adapter config and, for an SFT start, a frozen copy of its weights
+        (the reference: TRL's ``ref_adapter_name``; the base is never copied).
+        """
+        cfg = self.config
+        if cfg.adapter is None:
+            return apply_lora(self.model, cfg.lora), None
+        config, weights = load_adapter_weights(cfg.adapter)
+        params = config.get("lora_parameters", {})
+        lora = type(cfg.lora)(
+            r=params.get("rank", cfg.lora.r),
+            alpha=params.get("scale", cfg.lora.scale) * params.get("rank", cfg.lora.r),
+            dropout=cfg.lora.dropout,
+            target_modules=sorted({k.split(".")[-1] for k in params.get("keys", [])})
+            or cfg.lora.target_modules,
+            layers=config.get("num_layers"),
+            dora=config.get("fine_tune_type") == "dora",
+        )
+        adapter_config = apply_lora(self.model, lora)
+        try:
+            self.model.load_weights(list(weights.items()), strict=False)
+            mx.eval(self.model.parameters())
+        except ValueError as exc:
+            raise ConfigError(f"adapter {cfg.adapter} does not fit the model: {exc}") from None
+        return adapter_config, adapter_parameters(self.model)
+
+    def _make_reference(self, sft_weights: dict | None) -> Reference:
+        """The reference strategy for this config, with the reason it was chosen."""
+        cfg = self.config
+        needs = loss_needs_reference(self.loss_weights, cfg)
+        if not needs:
+            if cfg.ref_regen_epochs or cfg.sync_ref_model:
+                raise ConfigError(
+                    f"loss {cfg.loss} is reference-free: ref_regen_epochs / sync_ref_model do not apply"
+                )
+            if cfg.reference not in ("auto", "none"):
+                self._log(
+                    f"note: loss {cfg.loss} is reference-free; ignoring reference: {cfg.reference}"
+                )
+            return Reference("the loss is reference-free")
+        if cfg.reference == "none":
+            raise ConfigError(
+                f"loss {cfg.loss} needs a reference; 'reference: none' is for reference-free "
+                "losses (simpo, cpo, orpo, or reference_free: true)"
+            )
+        if cfg.ref_model:
+            if cfg.reference == "adapters-off":
+                raise ConfigError(
+                    "reference: adapters-off uses the policy's own base; drop ref_model"
+                )
+            ref = load_model(
+                cfg.ref_model, quantization_bits=cfg.quantization_bits, dtype=cfg.dtype
+            )
+            if (
+                ref.tokenizer.vocab_size != self.tokenizer.vocab_size
+                or ref.tokenizer.get_vocab() != self.tokenizer.get_vocab()
+            ):
+                raise ConfigError(
+                    f"ref_model {cfg.ref_model} has a different tokenizer from the model"
+                )
+            scorer: Reference = SeparateModel(ref.model, "a separate reference model was given")
+            identity = f"ref_model|{model_fingerprint(ref.path)}"
+        else:
+            if cfg.reference == "model":
+                raise ConfigError("reference: model needs ref_model (--ref-model DIR_OR_HUB_ID)")
+            what = (
+                "the base plus the SFT adapter, frozen"
+                if sft_weights
+                else "the base with adapters off"
+            )
+            scorer = LiveReference(
+                self.model, sft_weights, f"{what}, no second copy of the weights"
+            )
+            identity = f"base|{model_fingerprint(self.loaded.path)}"
+        live_refresh = cfg.sync_ref_model and cfg.ref_model_sync_steps < self.steps_per_epoch
+        if cfg.reference == "cache" or (cfg.reference == "auto" and not live_refresh):
+            cache_dir = (
+                Path(cfg.ref_cache_dir) if cfg.ref_cache_dir else backend.cache_dir() / "ref-logps"
+            )
+            reason = "reference log-probs are computed once per dataset and reused from disk"
+            if cfg.reference == "auto":
+                reason = "auto: " + reason
+            base = f"{identity}|q{cfg.quantization}|{cfg.dtype}"
+            return CachedReference(
+                scorer, base, cache_dir, reason, log=self._log, show_progress=self.verbose
+            )
+        if cfg.reference == "auto":
+            scorer.reason = f"auto: TR-DPO syncs every {cfg.ref_model_sync_steps} steps, so a cache would be recomputed often; {scorer.reason}"
+        return scorer
 
     def _log(self, text: str) -> None:
         if self.verbose:
@@ -166,9 +266,8 @@ class Trainer:
             for idx in order[within * ga : (within + 1) * ga]
         ]
 
-    def _forward(self, batch: Batch, train: bool):
+    def _forward(self, batch: Batch, ref: mx.array | None, train: bool):
         """Loss and per-batch metrics for one batch under the current policy."""
-        ref = self.reference.logps(batch)
         seq = sequence_logps(self.model, batch)
         chosen_idx = mx.array(np.flatnonzero(batch.labels))
         rejected_idx = mx.array(np.flatnonzero(~batch.labels))
@@ -191,9 +290,8 @@ class Trainer:
         metrics.update(out.metrics)
         return out.loss, metrics
 
-    def _loss(self, batch: Batch):
-        loss, metrics = self._forward(batch, train=True)
-        return loss, metrics
+    def _loss(self, batch: Batch, ref: mx.array | None):
+        return self._forward(batch, ref, train=True)
 
     # ------------------------------------------------------------- one step
     def train_step(self, batches: Batch | list[Batch]) -> StepResult:
@@ -205,7 +303,8 @@ class Trainer:
         total = sum(b.num_examples for b in batches)
         grads, metrics = None, {}
         for batch in batches:
-            (loss, m), g = self._loss_and_grad(batch)
+            ref = self.reference.logps(batch, "train")
+            (loss, m), g = self._loss_and_grad(batch, ref)
             w = batch.num_examples / total
             g = tree_map(lambda x, w=w: x * w, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -242,9 +341,12 @@ class Trainer:
     # ------------------------------------------------------------ evaluation
     def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
         """Mean loss and TRL metrics over the held-out set, prefixed ``eval/``."""
+        split = "eval" if dataset is None else "custom"
         dataset = dataset or self.eval_set
         if dataset is None:
             return {}
+        if split == "custom" and isinstance(self.reference, CachedReference):
+            self.reference.prepare({**self.reference.datasets, "custom": dataset})
         lengths = [e.length for e in dataset.examples]
         order = batch_order(lengths, self.config.batch_size, seed=0, epoch=0)
         if self.config.eval_batches:
@@ -253,7 +355,8 @@ class Trainer:
         count = 0
         for idx in order:
             batch = collate([dataset.examples[i] for i in idx], idx)
-            loss, metrics = self._forward(batch, train=False)
+            ref = self.reference.logps(batch, split)
+            loss, metrics = self._forward(batch, ref, train=False)
             mx.eval(loss, metrics)
             n = batch.num_examples
             for k, v in {"loss": loss, **metrics}.items():
@@ -277,15 +380,17 @@ class Trainer:
             self.metrics_log.truncate_after(0)
         self._log(
             f"training {self.total_steps} steps: {len(self.train_set)} "
-            f"{'pairs' if self.train_set.paired else 'rows'}, loss {cfg.loss}, "
-            f"reference {self.reference.name}, output {self.run_dir}"
+            f"{'pairs' if self.train_set.paired else 'rows'}, loss {cfg.loss}, output {self.run_dir}"
         )
+        self._log(f"reference: {describe(self.reference)}")
+        self.reference.prepare({"train": self.train_set, "eval": self.eval_set})
         window: list[dict] = []
         last: dict[str, float] = {}
         previous = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGINT, self._on_sigint)
         try:
             while self.step < self.total_steps:
+                self._refresh_reference()
                 result = self.train_step(self._step_batches(self.step))
                 window.append(result.metrics)
                 self.progress.update(self.step, result.metrics)
@@ -317,6 +422,26 @@ class Trainer:
         self._log(f"adapters saved to {self.run_dir}")
         return last
 
+    def _refresh_reference(self) -> None:
+        """Regenerate (every N epochs, never at 0) or TR-DPO-sync the reference before a step."""
+        cfg, step = self.config, self.step
+        if step == 0:
+            return
+        if cfg.ref_regen_epochs and step % self.steps_per_epoch == 0:
+            epoch = step // self.steps_per_epoch
+            if epoch % cfg.ref_regen_epochs == 0:
+                self.reference.set_weights(adapter_parameters(self.model))
+                self._log(f"epoch {epoch}: reference regenerated from the student")
+        if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
+            alpha = cfg.ref_model_mixup_alpha
+            try:
+                mixed = mix_adapters(adapter_parameters(self.model), self.reference.weights, alpha)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            mx.eval(mixed)
+            self.reference.set_weights(mixed)
+            self._log(f"step {step}: reference synced (alpha {alpha})")
+
     # ------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
         """Everything besides weights that the next step depends on."""
@@ -333,6 +458,8 @@ class Trainer:
             save_adapters(self.model, tmp, self.adapter_config)
             mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(self.optimizer.state)))
             (tmp / STATE).write_text(json.dumps(self.state_dict(), indent=1))
+            if self.reference.weights is not None:
+                mx.save_safetensors(str(tmp / REF_ADAPTER_FILE), self.reference.weights)
 
         path = write_checkpoint(self.run_dir, self.step, write, self.config.keep_last)
         return path
@@ -342,6 +469,8 @@ class Trainer:
         set_adapter_parameters(self.model, mx.load(str(path / ADAPTER_FILE)))
         self.optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_FILE)).items()))
         state = read_state(path)
+        if (path / REF_ADAPTER_FILE).exists():
+            self.reference.set_weights(mx.load(str(path / REF_ADAPTER_FILE)))
         self.step = state["step"]
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self.skipped_steps = state["skipped_steps"]

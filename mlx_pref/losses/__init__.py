@@ -1,47 +1,70 @@
-"""Preference losses (sigmoid/DPO only until the full registry lands)."""
+"""Preference losses for mlx-pref, as pure functions of per-sequence log-probs.
 
-from __future__ import annotations
+``preference_loss(name, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+chosen_lengths, rejected_lengths, *, beta, ...)`` computes any registered loss or a weighted
+combination; ``parse_loss`` validates the config value; ``get_loss`` / ``loss_names`` /
+``describe_losses`` expose the registry. Per-token helpers (WPO, LD-DPO), β schedules, BCO's
+running state and its UDM density-ratio classifier live alongside.
 
-from dataclasses import dataclass, field
+Which TRL release each loss follows is recorded in ``get_loss(name).trl``.
+"""
 
-import mlx.core as mx
-import mlx.nn as nn
+from mlx_pref.losses.base import LossInputs, LossOutput, LossSpec, UnknownLossError
+from mlx_pref.losses.dpo import F_DIVERGENCES, f_divergence_scores
+from mlx_pref.losses.registry import (
+    ALIASES,
+    REGISTRY,
+    describe_losses,
+    get_loss,
+    loss_names,
+    parse_loss,
+    preference_loss,
+    resolve_name,
+)
+from mlx_pref.losses.schedule import BETA_SCHEDULES, beta_at
+from mlx_pref.losses.state import LossState, RunningMoments
+from mlx_pref.losses.tokens import (
+    ld_sequence_logps,
+    log_sum_squared_probs,
+    wpo_pair_weights,
+    wpo_sequence_weights,
+)
+from mlx_pref.losses.udm import (
+    UDM_DEFAULTS,
+    DensityRatioClassifier,
+    density_ratio_weights,
+    fit_density_ratio_classifier,
+    mean_pool,
+    sample_prompt_indices,
+)
 
-
-@dataclass
-class LossOutput:
-    loss: mx.array
-    losses: mx.array
-    chosen_rewards: mx.array
-    rejected_rewards: mx.array
-    metrics: dict = field(default_factory=dict)
-
-
-def parse_loss(value) -> dict[str, float]:
-    if value in ("sigmoid", "dpo"):
-        return {"sigmoid": 1.0}
-    raise ValueError(f"unknown loss {value!r}")
-
-
-def preference_loss(
-    name,
-    chosen_logps,
-    rejected_logps,
-    ref_chosen_logps,
-    ref_rejected_logps,
-    chosen_lengths,
-    rejected_lengths,
-    *,
-    beta,
-    label_smoothing=0.0,
-    state=None,
-    **params,
-):
-    d = (chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)
-    losses = -nn.log_sigmoid(beta * d)
-    return LossOutput(
-        losses.mean(),
-        losses,
-        beta * (chosen_logps - ref_chosen_logps),
-        beta * (rejected_logps - ref_rejected_logps),
-    )
+__all__ = [
+    "ALIASES",
+    "BETA_SCHEDULES",
+    "F_DIVERGENCES",
+    "REGISTRY",
+    "UDM_DEFAULTS",
+    "DensityRatioClassifier",
+    "LossInputs",
+    "LossOutput",
+    "LossSpec",
+    "LossState",
+    "RunningMoments",
+    "UnknownLossError",
+    "beta_at",
+    "density_ratio_weights",
+    "describe_losses",
+    "f_divergence_scores",
+    "fit_density_ratio_classifier",
+    "get_loss",
+    "ld_sequence_logps",
+    "log_sum_squared_probs",
+    "loss_names",
+    "mean_pool",
+    "parse_loss",
+    "preference_loss",
+    "resolve_name",
+    "sample_prompt_indices",
+    "wpo_pair_weights",
+    "wpo_sequence_weights",
+]

@@ -1,0 +1,210 @@
+"""Shared types and numerics for the preference losses.
+
+Every loss is a pure function of per-sequence quantities (summed completion log-probs,
+completion lengths and a few optional per-row extras), so it can be checked without a model.
+This module holds the containers the losses exchange and the numerically stable primitives
+they are built from.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+ArrayLike = Any
+"""An ``mx.array``, a NumPy array, a Python list or a scalar."""
+
+EXP_CLAMP = 80.0
+"""Largest exponent passed to ``exp`` in the f-divergence and AlphaPO transforms.
+
+TRL v1.9 clamps the α-divergence exponent at 80 in float32 so that ``exp`` stays finite;
+mlx-pref applies the same clamp to the forward-KL and AlphaPO transforms as well."""
+
+LOG_HALF = -math.log(2.0)
+
+
+class UnknownLossError(ValueError):
+    """A loss name that is neither a registered loss nor an alias."""
+
+
+@dataclass
+class LossOutput:
+    """What a preference loss returns.
+
+    ``loss`` is the scalar that is back-propagated: the mean of the per-example losses, or for
+    a weighted combination the weighted sum of each part's ``loss``. ``losses`` holds the
+    per-example values (``None`` for a combination). ``chosen_rewards`` / ``rejected_rewards``
+    are per-row implicit rewards as TRL logs them. ``metrics`` holds extra scalars.
+    """
+
+    loss: mx.array
+    losses: mx.array | None
+    chosen_rewards: mx.array
+    rejected_rewards: mx.array
+    metrics: dict[str, mx.array] = field(default_factory=dict)
+
+
+@dataclass
+class LossInputs:
+    """The per-sequence batch a loss function reads (built by ``preference_loss``).
+
+    Arrays are float32 ``mx.array``. ``ref_*`` are ``None`` for reference-free use;
+    lengths are ``None`` when the caller did not supply them.
+    """
+
+    chosen_logps: mx.array
+    rejected_logps: mx.array
+    ref_chosen_logps: mx.array | None = None
+    ref_rejected_logps: mx.array | None = None
+    chosen_lengths: mx.array | None = None
+    rejected_lengths: mx.array | None = None
+    policy_weights: mx.array | None = None
+    udm_weights: mx.array | None = None
+    policy_kl_logps: mx.array | None = None
+    ref_kl_logps: mx.array | None = None
+    chosen_nll: mx.array | None = None
+    train: bool = True
+    group: Any = None
+
+
+LossFn = Callable[..., LossOutput]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Registry entry for one loss.
+
+    ``fn(inputs, *, beta, label_smoothing, state, **params)`` computes it; ``params`` maps
+    each of its own parameters to its default; ``needs_reference`` says whether reference
+    log-probs are required; ``paired`` is False for losses that take unpaired desirable /
+    undesirable rows (``bco``, ``kto``); ``uses_label_smoothing`` says whether
+    ``label_smoothing`` changes it; ``trl`` names the TRL release and file it follows.
+    """
+
+    name: str
+    fn: LossFn
+    needs_reference: bool
+    paired: bool
+    params: dict[str, Any]
+    formula: str
+    paper: str
+    arxiv: str | None
+    trl: str
+    family: str
+    aliases: tuple[str, ...] = ()
+    uses_label_smoothing: bool = False
+    stateful: bool = False
+    description: str = ""
+
+    @property
+    def paper_url(self) -> str | None:
+        """Link to the paper (arXiv abstract page) or ``None`` when there is none."""
+        if self.arxiv is None:
+            return None
+        if self.arxiv.startswith("http"):
+            return self.arxiv
+        return f"https://arxiv.org/abs/{self.arxiv}"
+
+
+def as_float_array(value: ArrayLike, name: str) -> mx.array:
+    """Convert ``value`` to a 1-D float32 ``mx.array`` (upcasting half precision).
+
+    Losses are computed in float32 whatever the model's dtype, as TRL's ORPO does with
+    ``.float()``; gradients still flow through the cast.
+    """
+    # Non-MLX input goes through float32 NumPy: float64 arrays are CPU-only in MLX.
+    arr = value if isinstance(value, mx.array) else mx.array(np.asarray(value, dtype=np.float32))
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one value per row), got shape {tuple(arr.shape)}")
+    if arr.dtype != mx.float32:
+        arr = arr.astype(mx.float32)
+    return arr
+
+
+def log_sigmoid(x: mx.array) -> mx.array:
+    """``log σ(x)`` without overflow for any magnitude (``-softplus(-x)``)."""
+    return nn.log_sigmoid(x)
+
+
+def log1mexp(x: mx.array) -> mx.array:
+    """``log(1 - exp(x))`` for ``x < 0``, branching at ``-ln 2`` to avoid cancellation.
+
+    Same split as TRL's ORPO helper (Mächler's note on computing ``log1mexp``).
+    """
+    small = mx.minimum(x, LOG_HALF)  # keeps the unused branch finite for gradients
+    large = mx.minimum(mx.maximum(x, LOG_HALF), -1e-30)
+    return mx.where(x < LOG_HALF, mx.log1p(-mx.exp(small)), mx.log(-mx.expm1(large)))
+
+
+def smoothed_sigmoid_loss(logits: mx.array, label_smoothing: float) -> mx.array:
+    """Conservative (cDPO) logistic loss ``-(1-ε)·log σ(z) - ε·log σ(-z)`` of ``z = logits``."""
+    loss = -log_sigmoid(logits)
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss - label_smoothing * log_sigmoid(-logits)
+    return loss
+
+
+def safe_lengths(lengths: mx.array | None, loss: str, side: str) -> mx.array:
+    """Completion lengths clamped to at least 1 (TRL's ``clamp(min=1)``); required here."""
+    if lengths is None:
+        raise ValueError(
+            f"loss '{loss}' averages log-probs over completion tokens: pass {side}_lengths "
+            "(number of completion tokens per row)"
+        )
+    return mx.maximum(lengths, 1.0)
+
+
+def chosen_nll(inputs: LossInputs, loss: str) -> mx.array:
+    """Token-mean negative log-likelihood of the chosen completions over the whole batch.
+
+    TRL computes it as ``cross_entropy`` over every chosen completion token, which equals
+    ``-Σ_i logp_i / Σ_i len_i`` with summed log-probs. When ``chosen_nll`` was passed
+    explicitly (needed when ``chosen_logps`` are not plain sums, e.g. under LD-DPO), that
+    value is used instead.
+    """
+    if inputs.chosen_nll is not None:
+        return inputs.chosen_nll.reshape(())
+    if inputs.chosen_lengths is None:
+        raise ValueError(
+            f"loss '{loss}' adds a chosen NLL term: pass chosen_lengths (completion token counts) "
+            "or chosen_nll"
+        )
+    tokens = mx.maximum(inputs.chosen_lengths.sum(), 1.0)
+    return -inputs.chosen_logps.sum() / tokens
+
+
+def distributed_group(group: Any = None) -> Any:
+    """The communication group to reduce over, or ``None`` for a single process.
+
+    Uses ``group`` when given; otherwise, only where MLX has a distributed backend, the
+    global group (``mx.distributed.init()`` returns the one already set up, or a size-1 group).
+    A group of size 1 means there is nothing to reduce.
+    """
+    if group is None:
+        if not mx.distributed.is_available():
+            return None
+        group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
+def all_sum(x: mx.array, group: Any) -> mx.array:
+    """``mx.distributed.all_sum`` over ``group``; the identity when ``group`` is ``None``."""
+    if group is None:
+        return x
+    return mx.distributed.all_sum(x, group=group)
+
+
+def closest(name: str, choices: Sequence[str]) -> str | None:
+    """The closest spelling among ``choices`` (difflib), for error messages."""
+    import difflib
+
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return match[0] if match else None

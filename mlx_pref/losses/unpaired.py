@@ -1,0 +1,193 @@
+"""Unpaired losses: BCO, KTO and KTO's APO-zero variant.
+
+Chosen rows are the desirable completions and rejected rows the undesirable ones; the two
+sides may differ in size and either may be empty. A paired batch is used as is (chosen →
+desirable, rejected → undesirable), which is how paired data feeds these losses.
+
+* ``bco`` follows TRL v1.9.0 ``trl/experimental/bco/bco_trainer.py`` (``BCOTrainer.bco_loss``,
+  ``RunningMoments``, ``_get_udm_weight``). TRL 1.13, the last release with BCOTrainer, was not
+  available to us; v1.9 is the newest TRL we could read.
+* ``kto`` and ``apo_zero_unpaired`` follow TRL v1.9.0 ``trl/trainer/kto_trainer.py``
+  (``KTOTrainer._compute_loss``).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+
+from mlx_pref.losses.base import (
+    LossInputs,
+    LossOutput,
+    all_sum,
+    distributed_group,
+    log_sigmoid,
+)
+from mlx_pref.losses.state import LossState
+
+
+def _logratios(inputs: LossInputs, name: str) -> tuple[mx.array, mx.array]:
+    if inputs.ref_chosen_logps is None or inputs.ref_rejected_logps is None:
+        raise ValueError(
+            f"loss '{name}' needs reference log-probs: pass ref_chosen_logps and ref_rejected_logps"
+        )
+    if inputs.ref_chosen_logps.shape != inputs.chosen_logps.shape or (
+        inputs.ref_rejected_logps.shape != inputs.rejected_logps.shape
+    ):
+        raise ValueError(
+            f"loss '{name}': reference log-probs must match the policy log-probs' shapes"
+        )
+    if inputs.chosen_logps.shape[0] + inputs.rejected_logps.shape[0] == 0:
+        raise ValueError(f"loss '{name}' got an empty batch")
+    if inputs.policy_weights is not None:
+        raise ValueError(f"WPO weights (policy_weights) apply to DPO-family losses, not '{name}'")
+    return (
+        inputs.chosen_logps - inputs.ref_chosen_logps,
+        inputs.rejected_logps - inputs.ref_rejected_logps,
+    )
+
+
+def bco(
+    inputs: LossInputs,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    state: LossState | None = None,
+) -> LossOutput:
+    """BCO: ``-log σ(r_d - δ)`` for desirable rows, ``-w·log σ(-(r_u - δ))`` for undesirable ones.
+
+    ``r = β·(logπ - logπ_ref)``; δ is the running mean of every reward seen in training:
+    with ``train=True`` the batch's rewards ``cat(r_d, r_u)`` (detached, all-summed across
+    ranks) update ``state`` before the loss is computed; with ``train=False`` δ is only read.
+    ``w`` are the UDM density-ratio weights (``udm_weights``, one per undesirable row; 1 when
+    not given). The loss is the mean over all rows.
+    """
+    lc, lr = _logratios(inputs, "bco")
+    if state is None:
+        raise ValueError(
+            "loss 'bco' keeps a running reward mean: pass state=LossState() and reuse it across steps"
+        )
+    rc, rr = beta * lc, beta * lr
+    if inputs.train:
+        state.moments("bco").update(mx.concatenate([rc, rr]), group=inputs.group)
+    delta = state.delta("bco")
+    chosen_losses = -log_sigmoid(rc - delta)
+    rejected_losses = -log_sigmoid(-(rr - delta))
+    metrics = {"bco/delta": mx.array(delta, dtype=mx.float32)}
+    if inputs.udm_weights is not None:
+        weights = mx.stop_gradient(inputs.udm_weights)
+        if weights.shape != rejected_losses.shape:
+            raise ValueError(
+                f"udm_weights must have one weight per undesirable row ({rr.shape[0]}), "
+                f"got shape {tuple(weights.shape)}"
+            )
+        rejected_losses = rejected_losses * weights
+        if weights.size:
+            metrics["bco/udm_weight_mean"] = weights.mean()
+    losses = mx.concatenate([chosen_losses, rejected_losses])
+    return LossOutput(
+        loss=losses.mean(),
+        losses=losses,
+        chosen_rewards=mx.stop_gradient(rc),
+        rejected_rewards=mx.stop_gradient(rr),
+        metrics=metrics,
+    )
+
+
+def kto_kl(inputs: LossInputs) -> mx.array:
+    """KTO's reference point: ``max(0, mean(logπ(y'|x) - logπ_ref(y'|x)))``, detached.
+
+    ``y'`` are mismatched completions (each prompt paired with another row's completion),
+    given as ``policy_kl_logps`` / ``ref_kl_logps``. Under data parallelism the per-rank means
+    are averaged across ranks before clamping, as TRL's ``gather_for_metrics(kl).mean()``.
+    Without KL log-probs the KL term is 0.
+    """
+    if inputs.policy_kl_logps is None and inputs.ref_kl_logps is None:
+        return mx.array(0.0)
+    if inputs.policy_kl_logps is None or inputs.ref_kl_logps is None:
+        raise ValueError(
+            "pass both policy_kl_logps and ref_kl_logps for the KTO KL term, or neither"
+        )
+    if inputs.policy_kl_logps.shape != inputs.ref_kl_logps.shape or inputs.ref_kl_logps.size == 0:
+        raise ValueError("policy_kl_logps and ref_kl_logps must be non-empty and of the same shape")
+    kl = (inputs.policy_kl_logps - inputs.ref_kl_logps).mean()
+    group = distributed_group(inputs.group)
+    if group is not None:
+        kl = all_sum(kl, group) / group.size()
+    return mx.stop_gradient(mx.maximum(kl, 0.0))
+
+
+def _weighted(
+    inputs: LossInputs,
+    chosen_losses: mx.array,
+    rejected_losses: mx.array,
+    rc: mx.array,
+    rr: mx.array,
+    desirable_weight: float,
+    undesirable_weight: float,
+    metrics: dict[str, mx.array],
+) -> LossOutput:
+    losses = mx.concatenate(
+        [desirable_weight * chosen_losses, undesirable_weight * rejected_losses]
+    )
+    return LossOutput(
+        loss=losses.mean(),
+        losses=losses,
+        chosen_rewards=mx.stop_gradient(rc),
+        rejected_rewards=mx.stop_gradient(rr),
+        metrics=metrics,
+    )
+
+
+def kto(
+    inputs: LossInputs,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    state: LossState | None = None,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> LossOutput:
+    """KTO: ``λ_D·(1 - σ(β(l_d - z)))`` and ``λ_U·(1 - σ(β(z - l_u)))``, mean over all rows.
+
+    ``l = logπ - logπ_ref``; ``z`` is the detached KL estimate from ``kto_kl`` (0 when no KL
+    log-probs are passed). Rewards ``β·l``; metric ``kl``.
+    """
+    lc, lr = _logratios(inputs, "kto")
+    kl = kto_kl(inputs)
+    chosen_losses = 1.0 - mx.sigmoid(beta * (lc - kl))
+    rejected_losses = 1.0 - mx.sigmoid(beta * (kl - lr))
+    return _weighted(
+        inputs,
+        chosen_losses,
+        rejected_losses,
+        beta * lc,
+        beta * lr,
+        desirable_weight,
+        undesirable_weight,
+        {"kl": kl},
+    )
+
+
+def apo_zero_unpaired(
+    inputs: LossInputs,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    state: LossState | None = None,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> LossOutput:
+    """Unpaired APO-zero: ``λ_D·(1 - σ(βl_d))`` and ``λ_U·σ(βl_u)`` (KTOTrainer, no KL term)."""
+    lc, lr = _logratios(inputs, "apo_zero_unpaired")
+    chosen_losses = 1.0 - mx.sigmoid(beta * lc)
+    rejected_losses = mx.sigmoid(beta * lr)
+    return _weighted(
+        inputs,
+        chosen_losses,
+        rejected_losses,
+        beta * lc,
+        beta * lr,
+        desirable_weight,
+        undesirable_weight,
+        {},
+    )
