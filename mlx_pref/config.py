@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from mlx_pref.errors import ConfigError
+from mlx_pref.losses import BETA_SCHEDULES, REGISTRY, parse_loss
 
 QUANTIZATION_BITS = {"4bit": 4, "8bit": 8}
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -68,6 +69,9 @@ class Config:
     """Start from this (SFT) adapter directory; the reference is base + it, frozen."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: str | None = None
+    """Quantize a float base to 4bit or 8bit for QLoRA."""
+    dequantize: bool = False
+    """Train on float weights from an already-quantized base (a GGUF, an MLX 4-bit model)."""
     dtype: str | None = None
     # data
     data: str | None = None
@@ -82,7 +86,23 @@ class Config:
     # loss
     loss: str | dict[str, float] = "sigmoid"
     beta: float = 0.1
+    beta_schedule: str = "constant"
+    beta_end: float | None = None
+    """Final beta of a non-constant schedule (reached at the last optimizer step)."""
     label_smoothing: float = 0.0
+    use_weighting: bool = False
+    """WPO: weight each pair by the policy's own probability of its completions."""
+    ld_alpha: float | None = None
+    """LD-DPO: weight of completion tokens past the shorter completion's length."""
+    bco_udm: bool = False
+    """BCO underlying distribution matching: reweight undesirable rows by a prompt classifier."""
+    prompt_sample_size: int = 1024
+    min_density_ratio: float = 0.5
+    max_density_ratio: float = 10.0
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    """Parameters of individual losses (simpo_gamma, discopop_tau, rpo_alpha, ...), written
+    at the top level of a config file; only those set are passed, others keep each loss's
+    own default."""
     # reference
     reference: str = "auto"
     ref_model: str | None = None
@@ -119,11 +139,31 @@ class Config:
         """Range and choice checks; raises ConfigError with what to write instead."""
         _choice("quantization", self.quantization, (None, *QUANTIZATION_BITS))
         _choice("dtype", self.dtype, (None, *DTYPES))
+        if self.quantization and self.dequantize:
+            raise ConfigError("quantization and dequantize exclude each other: pick one")
         _choice("format", self.format, DATA_FORMATS)
         _choice("truncation_mode", self.truncation_mode, TRUNCATION_MODES)
         _choice("reference", self.reference, REFERENCES)
         _choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         _positive("beta", self.beta)
+        _choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        if self.beta_schedule != "constant":
+            if self.beta_end is None:
+                raise ConfigError(
+                    f"beta_schedule: {self.beta_schedule} needs beta_end (the final beta)"
+                )
+            _positive("beta_end", self.beta_end)
+        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
+            raise ConfigError(f"ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        _positive("prompt_sample_size", self.prompt_sample_size)
+        if not 0 <= self.min_density_ratio <= self.max_density_ratio:
+            raise ConfigError("need 0 <= min_density_ratio <= max_density_ratio")
+        try:
+            weights = parse_loss(self.loss)
+        except ValueError as exc:
+            raise ConfigError(f"loss: {exc}") from None
+        if self.bco_udm and "bco" not in weights:
+            raise ConfigError("bco_udm applies to loss: bco only")
         _positive("learning_rate", self.learning_rate)
         for key in (
             "epochs",
@@ -192,7 +232,10 @@ class Config:
         return QUANTIZATION_BITS.get(self.quantization) if self.quantization else None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values; loss parameters sit at the top level, as users write them."""
+        out = dataclasses.asdict(self)
+        out.update(out.pop("loss_params"))
+        return out
 
     def save(self, path: str | Path) -> None:
         """Write the resolved config as YAML (reloads with ``load_config``)."""
@@ -294,17 +337,38 @@ def _build_lora(raw: Any) -> LoraConfig:
     return LoraConfig(**kwargs)
 
 
+def loss_parameter_defaults() -> dict[str, Any]:
+    """Every registered loss's own parameters (a name shared by losses keeps its first default)."""
+    out: dict[str, Any] = {}
+    for spec in REGISTRY.values():
+        for key, default in spec.params.items():
+            out.setdefault(key, default)
+    return out
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
     """Build and validate a Config from plain values (a parsed YAML file plus overrides)."""
     hints = _field_types(Config)
-    kwargs: dict[str, Any] = {}
+    loss_params = loss_parameter_defaults()
+    kwargs: dict[str, Any] = {"loss_params": {}}
     for key, value in raw.items():
         if key == "lora":
             kwargs["lora"] = _build_lora(value)
+        elif key == "loss_params":
+            for k, v in (value or {}).items():
+                kwargs["loss_params"][k] = v
+        elif key in loss_params:
+            kwargs["loss_params"][key] = value
         elif key not in hints:
-            raise _unknown_key(key, [*hints], "")
+            raise _unknown_key(key, [*hints, *loss_params], "")
         else:
             kwargs[key] = _coerce(key, value, hints[key])
+    for key, value in kwargs["loss_params"].items():
+        if key not in loss_params:
+            raise _unknown_key(key, list(loss_params), "loss parameter ")
+        default = loss_params[key]
+        if value is not None and default is not None and not isinstance(default, str):
+            kwargs["loss_params"][key] = _coerce(key, value, type(default))
     return Config(**kwargs).validate()
 
 

@@ -16,6 +16,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_pref.data.batching import Batch
+from mlx_pref.losses import ld_sequence_logps, wpo_pair_weights
 
 # Architectures whose forward is exactly ``head(model.model(tokens))``: for these the
 # head can be applied to gathered positions only. Others fall back to full logits.
@@ -31,8 +32,28 @@ class SequenceLogps:
     """(N,) summed log-probs of each row's completion tokens."""
     token_logps: mx.array
     """(M,) log-prob of every scored token, row-major."""
-    rows: np.ndarray
-    """(M,) which row each scored token belongs to."""
+    flat: np.ndarray
+    """(M,) each scored token's position in the flattened (N, T-1) target grid."""
+    shape: tuple[int, int]
+    """(N, T-1): rows and target positions of the batch."""
+    token_log_sum_p2: mx.array | None = None
+    """(M,) log Σ_v p_v² at each scored token (only when asked for: WPO)."""
+
+    def dense(self, values: mx.array) -> mx.array:
+        """Per-token ``values`` (M,) scattered onto the (N, T-1) grid, zeros elsewhere."""
+        n, t = self.shape
+        grid = (
+            mx.zeros((n * t,), dtype=values.dtype)
+            .at[mx.array(self.flat.astype(np.int32))]
+            .add(values)
+        )
+        return grid.reshape(n, t)
+
+    def mask(self) -> mx.array:
+        n, t = self.shape
+        grid = np.zeros(n * t, dtype=np.float32)
+        grid[self.flat] = 1.0
+        return mx.array(grid.reshape(n, t))
 
 
 def split_lm(model: nn.Module) -> tuple[Callable, Callable] | None:
@@ -45,14 +66,21 @@ def split_lm(model: nn.Module) -> tuple[Callable, Callable] | None:
     return model.model, model.lm_head
 
 
-def _token_logps(logits: mx.array, targets: mx.array) -> mx.array:
+def _token_logps(
+    logits: mx.array, targets: mx.array, with_p2: bool
+) -> tuple[mx.array, mx.array | None]:
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
-    return picked - mx.logsumexp(logits, axis=-1)
+    lse = mx.logsumexp(logits, axis=-1)
+    p2 = mx.logsumexp(2 * logits, axis=-1) - 2 * lse if with_p2 else None
+    return picked - lse, p2
 
 
-def sequence_logps(model: nn.Module, batch: Batch) -> SequenceLogps:
-    """Summed completion log-probs for every row of ``batch`` in one forward pass."""
+def sequence_logps(model: nn.Module, batch: Batch, *, with_p2: bool = False) -> SequenceLogps:
+    """Summed completion log-probs for every row of ``batch`` in one forward pass.
+
+    ``with_p2`` also returns ``log Σ_v p_v²`` per scored token (WPO's weights).
+    """
     tokens = batch.tokens
     n, t = tokens.shape
     mask = batch.completion_mask()
@@ -67,13 +95,36 @@ def sequence_logps(model: nn.Module, batch: Batch) -> SequenceLogps:
         hidden = body(inputs)
         hidden = hidden.reshape(-1, hidden.shape[-1])[gather]
         pieces = [
-            _token_logps(head(hidden[i : i + HEAD_CHUNK_ROWS]), targets[i : i + HEAD_CHUNK_ROWS])
+            _token_logps(
+                head(hidden[i : i + HEAD_CHUNK_ROWS]), targets[i : i + HEAD_CHUNK_ROWS], with_p2
+            )
             for i in range(0, len(flat), HEAD_CHUNK_ROWS)
         ]
     else:
         logits = model(inputs)
         logits = logits.reshape(-1, logits.shape[-1])[gather]
-        pieces = [_token_logps(logits, targets)]
-    token_logps = mx.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        pieces = [_token_logps(logits, targets, with_p2)]
+    token_logps = mx.concatenate([p[0] for p in pieces])
+    p2 = mx.concatenate([p[1] for p in pieces]) if with_p2 else None
     sums = mx.zeros((n,), dtype=mx.float32).at[mx.array(rows.astype(np.int32))].add(token_logps)
-    return SequenceLogps(sums, token_logps, rows)
+    return SequenceLogps(sums, token_logps, flat, (n, t - 1), p2)
+
+
+def row_logps(seq: SequenceLogps, batch: Batch, ld_alpha: float | None = None) -> mx.array:
+    """The per-row log-probs a loss sees: sums, or LD-DPO's length-desensitised sums
+    (full weight on the shorter completion's length, ``ld_alpha`` past it) for pairs."""
+    if ld_alpha is None or not batch.paired:
+        return seq.sums
+    b = batch.num_examples
+    tokens, mask = seq.dense(seq.token_logps), seq.mask()
+    chosen, rejected = ld_sequence_logps(tokens[:b], mask[:b], tokens[b:], mask[b:], ld_alpha)
+    return mx.concatenate([chosen, rejected])
+
+
+def wpo_weights(seq: SequenceLogps, batch: Batch) -> mx.array:
+    """WPO's per-pair weights from the policy's own token probabilities (no gradient)."""
+    b = batch.num_examples
+    tokens = mx.stop_gradient(seq.dense(seq.token_logps))
+    p2 = mx.stop_gradient(seq.dense(seq.token_log_sum_p2))
+    mask = seq.mask()
+    return wpo_pair_weights(tokens[:b], p2[:b], mask[:b], tokens[b:], p2[b:], mask[b:])

@@ -6,7 +6,6 @@ the embedded tiny model, optional quantization of the base (QLoRA) and a dtype c
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +97,42 @@ def quantize_base(model: nn.Module, bits: int) -> None:
     nn.quantize(model, group_size=QUANT_GROUP_SIZE, bits=bits, class_predicate=_quantizable(bits))
 
 
+def dequantize_model(model: nn.Module) -> None:
+    """Replace quantized layers by float ones (same values, float32)."""
+    from mlx.utils import tree_unflatten
+
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.QuantizedLinear):
+            weight = mx.dequantize(
+                module.weight,
+                module.scales,
+                module.biases,
+                module.group_size,
+                module.bits,
+                mode=module.mode,
+            )
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+            linear.weight = weight
+            if "bias" in module:
+                linear.bias = module.bias
+            layers.append((name, linear))
+        elif isinstance(module, nn.QuantizedEmbedding):
+            weight = mx.dequantize(
+                module.weight,
+                module.scales,
+                module.biases,
+                module.group_size,
+                module.bits,
+                mode=module.mode,
+            )
+            embedding = nn.Embedding(weight.shape[0], weight.shape[1])
+            embedding.weight = weight
+            layers.append((name, embedding))
+    if layers:
+        model.update_modules(tree_unflatten(layers))
+
+
 def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
     """Cast floating-point parameters (not quantized integers) to ``dtype``."""
     from mlx.utils import tree_map
@@ -111,27 +146,39 @@ def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
 
 
 def load_model(
-    spec: str | None, *, quantization_bits: int | None = None, dtype: str | None = None
+    spec: str | None,
+    *,
+    quantization_bits: int | None = None,
+    dtype: str | None = None,
+    dequantize: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer through mlx-lm (or the GGUF reader for ``.gguf``)."""
-    if spec is not None and str(spec).endswith(".gguf"):
-        from mlx_pref.gguf import load_gguf
+    """Load a causal LM and its tokenizer through mlx-lm (or the GGUF reader for ``.gguf``).
 
-        model, tokenizer, config = load_gguf(
-            spec, dequantize=quantization_bits is None and dtype is not None
-        )
+    ``dequantize`` turns an already-quantized base (a GGUF, an MLX 4-bit model) into
+    float weights; ``quantization_bits`` quantizes a float base (QLoRA).
+    """
+    if spec is not None and str(spec).endswith(".gguf"):
+        from mlx_pref.gguf import GGUFError, load_gguf
+
+        if not Path(spec).is_file():
+            raise ModelError(f"GGUF file not found: {spec}")
+        try:
+            model, tokenizer, config = load_gguf(spec, dequantize=dequantize)
+        except GGUFError as exc:
+            raise ModelError(str(exc)) from None
         path = Path(spec)
     else:
         from mlx_lm.utils import load_model as mlx_load_model
         from mlx_lm.utils import load_tokenizer
 
         path = resolve_model_path(spec)
-        config = json.loads((path / "config.json").read_text())
         try:
             model, config = mlx_load_model(path, lazy=False)
         except ValueError as exc:
             raise ModelError(f"cannot load the model in {path}: {exc}") from None
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        if dequantize:
+            dequantize_model(model)
     if dtype is not None:
         cast_floats(model, getattr(mx, dtype))
     if quantization_bits is not None:

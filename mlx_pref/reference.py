@@ -35,7 +35,7 @@ from mlx.utils import tree_unflatten
 
 from mlx_pref.adapters import adapter_parameters, adapters_disabled
 from mlx_pref.data.batching import Batch, iterate_batches
-from mlx_pref.logps import sequence_logps
+from mlx_pref.logps import row_logps, sequence_logps
 from mlx_pref.progress import Progress
 
 CACHE_FORMAT = "mlx-pref-ref-logps-1"
@@ -149,11 +149,17 @@ class Reference:
 
     name = "none"
 
-    def __init__(self, reason: str = ""):
+    def __init__(self, reason: str = "", ld_alpha: float | None = None):
         self.reason = reason
+        self.ld_alpha = ld_alpha
+        """LD-DPO: summarise pairs as the policy does, so both sides match."""
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array | None:
         return None
+
+    def live_logps(self, batch: Batch) -> mx.array | None:
+        """Computed now, never from a cache (rows no dataset holds, e.g. KTO's KL pairs)."""
+        return self.logps(batch)
 
     @property
     def weights(self) -> dict[str, mx.array] | None:
@@ -187,7 +193,9 @@ class LiveReference(Reference):
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array:
         with reference_weights(self.model, self._weights):
-            out = mx.stop_gradient(sequence_logps(self.model, batch).sums)
+            out = mx.stop_gradient(
+                row_logps(sequence_logps(self.model, batch), batch, self.ld_alpha)
+            )
             mx.eval(out)
         return out
 
@@ -197,13 +205,13 @@ class SeparateModel(Reference):
 
     name = "model"
 
-    def __init__(self, model: nn.Module, reason: str = ""):
-        super().__init__(reason)
+    def __init__(self, model: nn.Module, reason: str = "", ld_alpha: float | None = None):
+        super().__init__(reason, ld_alpha)
         self.model = model
         self.model.eval()
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array:
-        out = mx.stop_gradient(sequence_logps(self.model, batch).sums)
+        out = mx.stop_gradient(row_logps(sequence_logps(self.model, batch), batch, self.ld_alpha))
         mx.eval(out)
         return out
 
@@ -222,7 +230,7 @@ class CachedReference(Reference):
         log=print,
         show_progress: bool = True,
     ):
-        super().__init__(reason)
+        super().__init__(reason, scorer.ld_alpha)
         self.show_progress = show_progress
         self.scorer = scorer
         self.base_fingerprint = base_fingerprint
@@ -242,7 +250,9 @@ class CachedReference(Reference):
         self.values.clear()  # recomputed (or found) under the new fingerprint on next use
 
     def fingerprint(self, examples) -> str:
-        digest = hashlib.sha256(f"{CACHE_FORMAT}|{self.base_fingerprint}|".encode())
+        digest = hashlib.sha256(
+            f"{CACHE_FORMAT}|{self.base_fingerprint}|ld={self.ld_alpha}|".encode()
+        )
         if self.weights is not None:
             _hash_arrays(digest, self.weights)
         digest.update(dataset_fingerprint(examples).encode())
@@ -299,6 +309,9 @@ class CachedReference(Reference):
         mx.save_safetensors(str(tmp), {"logps": mx.array(values)}, metadata=meta)
         os.replace(tmp, path)
         self.log(f"reference log-probs for {dataset.name} cached at {path}")
+
+    def live_logps(self, batch: Batch) -> mx.array:
+        return self.scorer.logps(batch)
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array:
         values = self._values(split)

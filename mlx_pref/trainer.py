@@ -41,11 +41,21 @@ from mlx_pref.checkpoint import (
     write_checkpoint,
 )
 from mlx_pref.config import Config, load_config
-from mlx_pref.data import Batch, Dataset, collate, load_datasets
+from mlx_pref.data import Batch, Dataset, UnpairedExample, collate, load_datasets
 from mlx_pref.data.batching import batch_order
 from mlx_pref.errors import ConfigError, MlxPrefError
-from mlx_pref.logps import sequence_logps
-from mlx_pref.losses import loss_needs_reference, parse_loss, preference_loss
+from mlx_pref.logps import row_logps, sequence_logps, split_lm, wpo_weights
+from mlx_pref.losses import (
+    LossState,
+    beta_at,
+    density_ratio_weights,
+    fit_density_ratio_classifier,
+    get_loss,
+    mean_pool,
+    parse_loss,
+    preference_loss,
+    sample_prompt_indices,
+)
 from mlx_pref.models import LoadedModel, load_model
 from mlx_pref.progress import MetricsLog, Progress, format_metrics
 from mlx_pref.reference import (
@@ -56,6 +66,7 @@ from mlx_pref.reference import (
     describe,
     mix_adapters,
     model_fingerprint,
+    reference_weights,
 )
 
 RESOLVED_CONFIG = "config.yaml"
@@ -77,6 +88,27 @@ class NonFiniteError(MlxPrefError):
 class StepResult:
     loss: float
     metrics: dict[str, float]
+
+
+@dataclass
+class BatchContext:
+    """What a batch's loss needs besides the policy forward; none of it is differentiated."""
+
+    ref: mx.array | None = None
+    policy_kl: mx.array | None = None
+    ref_kl: mx.array | None = None
+    udm: mx.array | None = None
+
+
+def mismatched_batch(batch: Batch) -> Batch:
+    """KTO's KL rows: each row's prompt with the previous row's completion."""
+    rows = []
+    for i in range(len(batch.lengths)):
+        j = i - 1
+        prompt = tuple(batch.tokens[i, : batch.prompt_lengths[i]].tolist())
+        completion = tuple(batch.tokens[j, batch.prompt_lengths[j] : batch.lengths[j]].tolist())
+        rows.append(UnpairedExample(prompt, completion, True))
+    return collate(rows, np.arange(len(rows)))
 
 
 def lr_schedule(cfg: Config, total_steps: int) -> Callable[[mx.array], mx.array]:
@@ -126,16 +158,30 @@ class Trainer:
         self.run_dir = Path(cfg.output)
         mx.random.seed(cfg.seed)
         self.loaded = loaded or load_model(
-            cfg.model, quantization_bits=cfg.quantization_bits, dtype=cfg.dtype
+            cfg.model,
+            quantization_bits=cfg.quantization_bits,
+            dtype=cfg.dtype,
+            dequantize=cfg.dequantize,
         )
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.adapter_config, sft_weights = self._attach_adapters()
         self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer)
-        try:
-            self.loss_weights = parse_loss(cfg.loss)
-        except ValueError as exc:
-            raise ConfigError(f"loss: {exc}") from None
+        self.loss_weights = parse_loss(cfg.loss)
+        self.loss_specs = [get_loss(name) for name in self.loss_weights]
+        paired_only = [s.name for s in self.loss_specs if s.paired]
+        if paired_only and not self.train_set.paired:
+            raise ConfigError(
+                f"loss {', '.join(paired_only)} needs paired data (prompt/chosen/rejected) but "
+                f"{self.train_set.name} holds unpaired rows (prompt/completion/label): "
+                "use loss: bco or kto"
+            )
+        if cfg.use_weighting and not self.train_set.paired:
+            raise ConfigError("use_weighting (WPO) weights pairs: it needs paired data")
+        self.loss_state = LossState()
+        self.kto_kl = "kto" in self.loss_weights
         self.reference = self._make_reference(sft_weights)
+        self.udm: dict[str, np.ndarray] = {}
+        self.udm_classifier = None
         self.steps_per_epoch = math.ceil(
             math.ceil(len(self.train_set) / cfg.batch_size) / cfg.grad_accum
         )
@@ -183,7 +229,9 @@ class Trainer:
     def _make_reference(self, sft_weights: dict | None) -> Reference:
         """The reference strategy for this config, with the reason it was chosen."""
         cfg = self.config
-        needs = loss_needs_reference(self.loss_weights, cfg)
+        needs = any(s.needs_reference for s in self.loss_specs) and not cfg.loss_params.get(
+            "reference_free", False
+        )
         if not needs:
             if cfg.ref_regen_epochs or cfg.sync_ref_model:
                 raise ConfigError(
@@ -214,7 +262,9 @@ class Trainer:
                 raise ConfigError(
                     f"ref_model {cfg.ref_model} has a different tokenizer from the model"
                 )
-            scorer: Reference = SeparateModel(ref.model, "a separate reference model was given")
+            scorer: Reference = SeparateModel(
+                ref.model, "a separate reference model was given", cfg.ld_alpha
+            )
             identity = f"ref_model|{model_fingerprint(ref.path)}"
         else:
             if cfg.reference == "model":
@@ -249,7 +299,65 @@ class Trainer:
             self.progress.message(text)
 
     def beta(self) -> float:
-        return self.config.beta
+        """β at the current step (the schedule is resolved against the real total steps)."""
+        cfg = self.config
+        return beta_at(self.step, self.total_steps, cfg.beta, cfg.beta_end, cfg.beta_schedule)
+
+    # ------------------------------------------------------------------ BCO UDM
+    def _prompt_embeddings(self, prompts: list[tuple[int, ...]]) -> np.ndarray:
+        """Mean-pooled last hidden state of the frozen base over each prompt's tokens."""
+        split = split_lm(self.model)
+        if split is None:
+            raise ConfigError("bco_udm needs a llama-family model whose hidden states can be read")
+        body = split[0]
+        out = []
+        with reference_weights(self.model, None):
+            for i in range(0, len(prompts), 16):
+                chunk = prompts[i : i + 16]
+                width = max(len(p) for p in chunk)
+                ids = np.zeros((len(chunk), width), dtype=np.int32)
+                mask = np.zeros((len(chunk), width), dtype=np.float32)
+                for k, p in enumerate(chunk):
+                    ids[k, : len(p)], mask[k, : len(p)] = p, 1.0
+                pooled = mean_pool(body(mx.array(ids)), mx.array(mask))
+                out.append(np.asarray(pooled.astype(mx.float32)))
+        return np.concatenate(out)
+
+    def _fit_udm(self) -> None:
+        """BCO's underlying distribution matching: a classifier telling desirable from
+        undesirable prompts gives each undesirable row a clipped density-ratio weight."""
+        cfg = self.config
+
+        def rows(dataset):
+            if dataset.paired:
+                prompts = [e.prompt for e in dataset.examples]
+                return prompts, prompts
+            good = [e.prompt for e in dataset.examples if e.label]
+            bad = [e.prompt for e in dataset.examples if not e.label]
+            return good, bad
+
+        good, bad = rows(self.train_set)
+        take_good = sample_prompt_indices(len(good), cfg.prompt_sample_size, seed=cfg.seed)
+        take_bad = sample_prompt_indices(len(bad), cfg.prompt_sample_size, seed=cfg.seed + 1)
+        clf = fit_density_ratio_classifier(
+            self._prompt_embeddings([good[i] for i in take_good]),
+            self._prompt_embeddings([bad[i] for i in take_bad]),
+        )
+        for split, dataset in (("train", self.train_set), ("eval", self.eval_set)):
+            if dataset is None:
+                continue
+            emb = self._prompt_embeddings([e.prompt for e in dataset.examples])
+            weights = density_ratio_weights(
+                clf,
+                emb,
+                min_density_ratio=cfg.min_density_ratio,
+                max_density_ratio=cfg.max_density_ratio,
+            )
+            self.udm[split] = np.asarray(weights)
+        self._log(
+            f"bco_udm: density-ratio weights fitted on {len(take_good)} + {len(take_bad)} prompts "
+            f"(train mean weight {self.udm['train'].mean():.3f})"
+        )
 
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         lengths = [e.length for e in self.train_set.examples]
@@ -266,23 +374,50 @@ class Trainer:
             for idx in order[within * ga : (within + 1) * ga]
         ]
 
-    def _forward(self, batch: Batch, ref: mx.array | None, train: bool):
+    def _context(self, batch: Batch, split: str, dataset: Dataset) -> BatchContext:
+        """Reference log-probs, KTO's KL terms and UDM weights for a batch (no gradient)."""
+        ctx = BatchContext(ref=self.reference.logps(batch, split))
+        if self.kto_kl:
+            kl_batch = mismatched_batch(batch)
+            ctx.policy_kl = mx.stop_gradient(sequence_logps(self.model, kl_batch).sums)
+            ctx.ref_kl = self.reference.live_logps(kl_batch)
+        if self.udm_classifier is not None:
+            weights = self._udm_weights(split, dataset)[batch.indices]
+            ctx.udm = mx.array(weights if batch.paired else weights[~batch.labels])
+        return ctx
+
+    def _forward(self, batch: Batch, ctx: BatchContext, train: bool):
         """Loss and per-batch metrics for one batch under the current policy."""
-        seq = sequence_logps(self.model, batch)
+        cfg = self.config
+        seq = sequence_logps(self.model, batch, with_p2=cfg.use_weighting)
+        logps = row_logps(seq, batch, cfg.ld_alpha)
         chosen_idx = mx.array(np.flatnonzero(batch.labels))
         rejected_idx = mx.array(np.flatnonzero(~batch.labels))
         lengths = mx.array(batch.completion_lengths)
-        chosen, rejected = seq.sums[chosen_idx], seq.sums[rejected_idx]
+        chosen, rejected = logps[chosen_idx], logps[rejected_idx]
+        extra = {}
+        if cfg.use_weighting:
+            extra["policy_weights"] = wpo_weights(seq, batch)
+        if cfg.ld_alpha is not None:  # the NLL term uses true sums, not LD-weighted ones
+            extra["chosen_nll"] = -seq.sums[chosen_idx] / lengths[chosen_idx]
+        if ctx.policy_kl is not None:
+            extra["policy_kl_logps"], extra["ref_kl_logps"] = ctx.policy_kl, ctx.ref_kl
+        if ctx.udm is not None:
+            extra["udm_weights"] = ctx.udm
         out = preference_loss(
-            self.loss_weights,
+            cfg.loss,
             chosen,
             rejected,
-            None if ref is None else ref[chosen_idx],
-            None if ref is None else ref[rejected_idx],
+            None if ctx.ref is None else ctx.ref[chosen_idx],
+            None if ctx.ref is None else ctx.ref[rejected_idx],
             lengths[chosen_idx],
             lengths[rejected_idx],
             beta=self.beta(),
-            label_smoothing=self.config.label_smoothing,
+            label_smoothing=cfg.label_smoothing,
+            state=self.loss_state,
+            train=train,
+            **extra,
+            **cfg.loss_params,
         )
         metrics = batch_metrics(
             out.chosen_rewards, out.rejected_rewards, chosen, rejected, batch.paired
@@ -290,8 +425,8 @@ class Trainer:
         metrics.update(out.metrics)
         return out.loss, metrics
 
-    def _loss(self, batch: Batch, ref: mx.array | None):
-        return self._forward(batch, ref, train=True)
+    def _loss(self, batch: Batch, ctx: BatchContext):
+        return self._forward(batch, ctx, train=True)
 
     # ------------------------------------------------------------- one step
     def train_step(self, batches: Batch | list[Batch]) -> StepResult:
@@ -303,8 +438,8 @@ class Trainer:
         total = sum(b.num_examples for b in batches)
         grads, metrics = None, {}
         for batch in batches:
-            ref = self.reference.logps(batch, "train")
-            (loss, m), g = self._loss_and_grad(batch, ref)
+            ctx = self._context(batch, "train", self.train_set)
+            (loss, m), g = self._loss_and_grad(batch, ctx)
             w = batch.num_examples / total
             g = tree_map(lambda x, w=w: x * w, g)
             grads = g if grads is None else tree_map(mx.add, grads, g)
@@ -355,8 +490,8 @@ class Trainer:
         count = 0
         for idx in order:
             batch = collate([dataset.examples[i] for i in idx], idx)
-            ref = self.reference.logps(batch, split)
-            loss, metrics = self._forward(batch, ref, train=False)
+            ctx = self._context(batch, split, dataset)
+            loss, metrics = self._forward(batch, ctx, train=False)
             mx.eval(loss, metrics)
             n = batch.num_examples
             for k, v in {"loss": loss, **metrics}.items():
@@ -384,6 +519,8 @@ class Trainer:
         )
         self._log(f"reference: {describe(self.reference)}")
         self.reference.prepare({"train": self.train_set, "eval": self.eval_set})
+        if cfg.bco_udm and self.udm_classifier is None:
+            self._fit_udm()
         window: list[dict] = []
         last: dict[str, float] = {}
         previous = signal.getsignal(signal.SIGINT)
@@ -449,6 +586,7 @@ class Trainer:
             "step": self.step,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "skipped_steps": self.skipped_steps,
+            "loss_state": self.loss_state.state_dict(),
         }
 
     def save_checkpoint(self) -> Path:
@@ -474,6 +612,7 @@ class Trainer:
         self.step = state["step"]
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self.skipped_steps = state["skipped_steps"]
+        self.loss_state.load_state_dict(state["loss_state"])
         mx.eval(self.model.parameters(), self.optimizer.state)
         self.metrics_log.truncate_after(self.step)
         self.progress.start = self.step
