@@ -292,6 +292,13 @@ def test_json_list_and_data_object_report_line_numbers(tmp_path, tok):
     assert len(ds) == 4 and ds.examples[0].source.endswith("obj.json:2")
 
 
+def test_crlf_lines_and_utf8_bom(tmp_path, tok):
+    text = "\r\n".join(json.dumps(r) for r in PAIRS)
+    (tmp_path / "w.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    ds = load(tmp_path / "w.jsonl", tok)
+    assert len(ds) == 4 and ds.examples[0].prompt == ids(tok, PAIRS[0]["prompt"])
+
+
 def test_json_lines_under_a_json_name_and_gzip(tmp_path, tok):
     write_jsonl(tmp_path / "lines.json", PAIRS)
     assert len(load(tmp_path / "lines.json", tok)) == 4
@@ -334,6 +341,11 @@ def test_directory_mixing_paired_and_unpaired_is_an_error(tmp_path, tok):
             r"g\.jsonl: the file is gzip-compressed; name it g\.jsonl\.gz",
         ),
         (b"not gzip", "g.jsonl.gz", r"g\.jsonl\.gz: not a valid gzip file"),
+        (
+            gzip.compress(json.dumps(PAIRS[0]).encode() * 50)[:-12],
+            "t.jsonl.gz",
+            r"t\.jsonl\.gz: not a valid gzip file \(Compressed file ended",
+        ),
         (b"PAR1\x00\x00", "p.parquet", r"p\.parquet: parquet files are not read .*to_json"),
         ("[]".encode("utf-16"), "u.json", r"u\.json: the file is UTF-16 text; save it as UTF-8"),
         (b"prompt,chosen\n", "d.csv", r"d\.csv: CSV files are not read"),
@@ -707,7 +719,7 @@ def test_read_records_keeps_file_lines(tmp_path):
     f = DataFile(tmp_path / "a.jsonl", "a.jsonl")
     write_jsonl(f.path, ["", *PAIRS])
     report = Report()
-    records = read_records(f, "auto", report)
+    records = list(read_records(f, "auto", report))
     assert [r.where for r in records] == ["a.jsonl:2", "a.jsonl:3", "a.jsonl:4", "a.jsonl:5"]
     assert report.files[0].format == "paired" and report.files[0].rows == 4
 
@@ -720,7 +732,7 @@ def test_hh_rlhf_prompts_are_extracted(tok):
     with gzip.open(HH, "rt", encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh]
     report = Report()
-    records = read_records(DataFile(HH, "hh.jsonl.gz"), "auto", report)
+    records = list(read_records(DataFile(HH, "hh.jsonl.gz"), "auto", report))
     by_line = {r.line: r for r in records}
     assert report.files[0].format == "implicit" and len(rows) == 2312
     r = by_line[1452 + 1]

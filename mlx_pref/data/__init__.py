@@ -102,16 +102,18 @@ def load_dataset(
     spec's files if already resolved (``resolve_files``).
     """
     report = Report(strict=cfg.strict)
-    records: list[Record] = []
-    for f in files if files is not None else resolve_files(spec):
-        records.extend(read_records(f, cfg.format, report))
+    records = (
+        record
+        for f in (files if files is not None else resolve_files(spec))
+        for record in read_records(f, cfg.format, report)
+    )
+    examples = tokenize_records(records, tokenizer, Truncation.from_config(cfg), report)
     kinds = {"unpaired" if f.format == "unpaired" else "paired": f.name for f in report.files}
     if len(kinds) > 1:
         raise DataError(
             f"{spec}: mixes paired files ({kinds['paired']}) and unpaired files "
             f"({kinds['unpaired']}); one dataset holds one kind"
         )
-    examples = tokenize_records(records, tokenizer, Truncation.from_config(cfg), report)
     report.check_bad_fraction()
     if not examples:
         reasons = ", ".join(f"{n} {r}" for r, n in report.reasons.most_common())

@@ -16,7 +16,8 @@ recognisable set of fields; every row of the file is then read as that format.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import itertools
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -322,21 +323,28 @@ def normalise(row: Any, fmt: str, where: str) -> Record:
 # ---------------------------------------------------------------------- per file
 
 
-def read_records(f: DataFile, fmt: str, report: Report) -> list[Record]:
-    """Every usable row of one file as a Record; bad rows are counted in ``report``."""
-    rows = list(read_rows(f))
-    if not rows:
-        raise DataError(f"{f.name}: the file holds no rows")
+def read_records(f: DataFile, fmt: str, report: Report) -> Iterator[Record]:
+    """Every usable row of one file as a Record, streamed; bad rows are counted in ``report``.
+
+    With ``fmt`` "auto", rows are buffered only until one shows the file's format.
+    """
+    rows = read_rows(f)
+    head: list[RawRow] = []
     detected_from = None
     if fmt == "auto":
-        first = next((r for r in rows if detect_format(r.value) is not None), None)
-        if first is None:
-            raise DataError(undetectable_message(rows[0]))
-        fmt, detected_from = detect_format(first.value), first.line
-    summary = FileSummary(f.name, fmt, len(rows), detected_from=detected_from)
+        for row in rows:
+            head.append(row)
+            if detect_format(row.value) is not None:
+                fmt, detected_from = detect_format(row.value), row.line
+                break
+        else:
+            if not head:
+                raise DataError(f"{f.name}: the file holds no rows")
+            raise DataError(undetectable_message(head[0]))
+    summary = FileSummary(f.name, fmt, detected_from=detected_from)
     report.files.append(summary)
-    records = []
-    for row in rows:
+    for row in itertools.chain(head, rows):
+        summary.rows += 1
         if row.value is None:
             report.problem(row.reason, f"{row.where}: {row.problem}", f.name)
             continue
@@ -345,5 +353,6 @@ def read_records(f: DataFile, fmt: str, report: Report) -> list[Record]:
         except RowError as exc:
             report.problem(exc.reason, exc.message, f.name)
             continue
-        records.append(replace(record, file=f.name, line=row.line, format=fmt))
-    return records
+        yield replace(record, file=f.name, line=row.line, format=fmt)
+    if summary.rows == 0:
+        raise DataError(f"{f.name}: the file holds no rows")

@@ -10,13 +10,15 @@ counted or, under ``strict``, raised by the caller. Files are only ever read.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import re
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mlx_pref.errors import DataError
 
@@ -243,60 +245,70 @@ def hub_files(spec: HubSpec) -> list[DataFile]:
 # --------------------------------------------------------------------------- reading
 
 
-def _read_bytes(f: DataFile) -> bytes:
+GZIP_MAGIC = b"\x1f\x8b"
+GZIP_ERRORS = (OSError, EOFError, zlib.error)
+
+
+@contextmanager
+def _open(f: DataFile) -> Iterator[IO[bytes]]:
+    """The file's bytes as a stream (decompressed for .gz), once its first bytes look right."""
     try:
-        raw = f.path.read_bytes()
+        raw = f.path.open("rb")
     except OSError as exc:
         raise DataError(f"{f.name}: cannot read the file ({exc.strerror or exc})") from None
-    if f.path.name.lower().endswith(".gz"):
+    with raw:
+        gz = f.path.name.lower().endswith(".gz")
         try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
+            magic = raw.peek(2)[:2]
+            if gz and magic and magic != GZIP_MAGIC:
+                raise DataError(f"{f.name}: not a valid gzip file (no gzip header)")
+            if not gz and magic == GZIP_MAGIC:
+                raise DataError(f"{f.name}: the file is gzip-compressed; name it {f.path.name}.gz")
+            stream = gzip.GzipFile(fileobj=raw) if gz and magic else raw
+            head = stream.peek(4)[:4]
+            if head == b"PAR1":
+                raise DataError(
+                    f"{f.name}: this is a parquet file, which is not read: {CONVERT_HINT}"
+                )
+            if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                raise DataError(f"{f.name}: the file is UTF-16 text; save it as UTF-8")
+            yield stream
+        except GZIP_ERRORS as exc:  # a corrupt or truncated .gz, at any point of reading
             raise DataError(f"{f.name}: not a valid gzip file ({exc})") from None
-    elif raw[:2] == b"\x1f\x8b":
-        raise DataError(f"{f.name}: the file is gzip-compressed; name it {f.path.name}.gz")
-    if raw[:4] == b"PAR1":
-        raise DataError(f"{f.name}: this is a parquet file, which is not read: {CONVERT_HINT}")
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        raise DataError(f"{f.name}: the file is UTF-16 text; save it as UTF-8")
-    raw = raw.removeprefix(b"\xef\xbb\xbf")
-    if not raw.strip():
-        raise DataError(f"{f.name}: the file is empty")
-    return raw
 
 
 def read_rows(f: DataFile) -> Iterator[RawRow]:
-    """Rows of one file in order, each with its 1-based line number."""
-    raw = _read_bytes(f)
+    """Rows of one file in order, each with its 1-based line number.
+
+    JSON Lines files are streamed line by line; a .json document is read whole.
+    """
     name = f.path.name.lower().removesuffix(".gz")
-    if name.endswith(LINE_SUFFIXES):
-        yield from _line_rows(f, raw)
-    else:
-        yield from _document_rows(f, raw)
+    with _open(f) as stream:
+        if name.endswith(LINE_SUFFIXES):
+            yield from _line_rows(f, stream)
+        else:
+            yield from _document_rows(f, stream.read())
 
 
-def _line_rows(f: DataFile, raw: bytes) -> Iterator[RawRow]:
-    try:
-        lines: list = raw.decode("utf-8").split("\n")
-        decoded = True
-    except UnicodeDecodeError:
-        lines = raw.split(b"\n")
-        decoded = False
-    for lineno, line in enumerate(lines, 1):
-        if not decoded:
-            try:
-                line = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield RawRow(
-                    f.name,
-                    lineno,
-                    reason="not UTF-8",
-                    problem=f"not UTF-8 text (byte 0x{line[exc.start]:02x} at column "
-                    f"{exc.start + 1})",
-                )
-                continue
+def _line_rows(f: DataFile, lines: Iterable[bytes]) -> Iterator[RawRow]:
+    seen = False
+    for lineno, raw in enumerate(lines, 1):
+        if lineno == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            seen = True
+            yield RawRow(
+                f.name,
+                lineno,
+                reason="not UTF-8",
+                problem=f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+            )
+            continue
         if not line.strip():
             continue
+        seen = True
         try:
             yield RawRow(f.name, lineno, json.loads(line))
         except json.JSONDecodeError as exc:
@@ -306,6 +318,8 @@ def _line_rows(f: DataFile, raw: bytes) -> Iterator[RawRow]:
                 reason="malformed JSON",
                 problem=f"malformed JSON: {exc.msg} (column {exc.colno})",
             )
+    if not seen:
+        raise DataError(f"{f.name}: the file is empty")
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -315,6 +329,9 @@ def _skip_space(text: str, pos: int) -> int:
 
 
 def _document_rows(f: DataFile, raw: bytes) -> Iterator[RawRow]:
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    if not raw.strip():
+        raise DataError(f"{f.name}: the file is empty")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -334,7 +351,7 @@ def _document_rows(f: DataFile, raw: bytes) -> Iterator[RawRow]:
         ) from None
     if _skip_space(text, end) < len(text):
         if isinstance(value, dict):  # JSON Lines saved under a .json name
-            yield from _line_rows(f, raw)
+            yield from _line_rows(f, io.BytesIO(raw))
             return
         line = text.count("\n", 0, end) + 1
         raise DataError(f"{f.name}:{line}: malformed JSON: extra data after the document")

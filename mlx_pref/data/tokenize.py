@@ -15,7 +15,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from mlx_pref.data.batching import Example, PairExample, UnpairedExample
@@ -106,15 +107,29 @@ def has_chat_template(tokenizer) -> bool:
     return getattr(tokenizer, "chat_template", None) is not None
 
 
-def _encoder(tokenizer) -> Callable[[list[str]], list[list[int]]]:
-    inner = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds the HF one
+def _encoder(tokenizer) -> Callable[[list[str]], list[Ids]]:
+    """Batch encoder returning tuples whose ints are shared, one object per vocabulary id.
 
-    def encode(texts: list[str]) -> list[list[int]]:
+    Python ints above 256 are separate 28-byte objects; sharing them keeps a token at
+    about 8 bytes (a tuple slot) however large the dataset.
+    """
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds the HF one
+    shared = list(range(len(inner))) if hasattr(inner, "__len__") else []
+
+    def intern(ids: list[int]) -> Ids:
+        try:
+            return tuple(map(shared.__getitem__, ids))
+        except IndexError:  # an id beyond the vocabulary size the tokenizer reports
+            return tuple(ids)
+
+    def encode(texts: list[str]) -> list[Ids]:
         if not texts:
             return []
         if callable(inner):
-            return inner(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        return [inner.encode(t, add_special_tokens=False) for t in texts]
+            batch = inner(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        else:
+            batch = [inner.encode(t, add_special_tokens=False) for t in texts]
+        return [intern(ids) for ids in batch]
 
     return encode
 
@@ -157,25 +172,26 @@ def render(record: Record, tokenizer) -> tuple[str, tuple[str, ...]]:
 
 
 def tokenize_records(
-    records: Sequence[Record], tokenizer, limits: Truncation, report: Report
+    records: Iterable[Record], tokenizer, limits: Truncation, report: Report
 ) -> list[Example]:
     """Token-id examples for the records; rows that cannot be used are counted in ``report``."""
-    chat = next((r for r in records if r.chat), None)
-    if chat is not None and not has_chat_template(tokenizer):
-        name = getattr(tokenizer, "name_or_path", "") or "the model's tokenizer"
-        raise DataError(
-            f"{chat.where}: conversational rows (lists of messages) need a chat template, "
-            f"but {name} has none; use a chat/instruct model, or write 'prompt', 'chosen' and "
-            "'rejected' as plain strings"
-        )
     bos = getattr(tokenizer, "bos_token", None)
     bos_id = tokenizer.bos_token_id if bos is not None else None
     eos, eos_id = getattr(tokenizer, "eos_token", None), getattr(tokenizer, "eos_token_id", None)
     encode = _encoder(tokenizer)
+    template = has_chat_template(tokenizer)
     examples: list[Example] = []
-    for start in range(0, len(records), CHUNK):
+    records = iter(records)
+    while chunk := list(itertools.islice(records, CHUNK)):
         rendered = []
-        for record in records[start : start + CHUNK]:
+        for record in chunk:
+            if record.chat and not template:
+                name = getattr(tokenizer, "name_or_path", "") or "the model's tokenizer"
+                raise DataError(
+                    f"{record.where}: conversational rows (lists of messages) need a chat "
+                    f"template, but {name} has none; use a chat/instruct model, or write "
+                    "'prompt', 'chosen' and 'rejected' as plain strings"
+                )
             try:
                 rendered.append((record, *render(record, tokenizer)))
             except RowError as exc:
@@ -190,9 +206,9 @@ def tokenize_records(
                 pos += 1
                 ending = text.rstrip() if record.chat else text
                 if eos_id is not None and not (eos and ending.endswith(eos)):
-                    ids = [*ids, eos_id]
-                completions.append(tuple(ids))
-            example = _example(record, tuple(prompt), completions, limits, bos_id, report)
+                    ids = (*ids, eos_id)
+                completions.append(ids)
+            example = _example(record, prompt, completions, limits, bos_id, report)
             if example is not None:
                 examples.append(example)
     report.kept = len(examples)
