@@ -640,6 +640,10 @@ def test_pairs_identical_after_truncation_are_dropped(tmp_path, tok):
     ]
     ds = load(write_jsonl(tmp_path / "d.jsonl", rows), tok, max_completion_length=4)
     assert dict(ds.report.reasons) == {"identical after truncation": 1}
+    assert ds.report.examples["identical after truncation"] == [
+        f"{tmp_path / 'd.jsonl'}:5: fields 'chosen' and 'rejected' are identical once truncated "
+        "to max_length 512 and max_completion_length 4"
+    ]
     assert all(len(e.chosen) <= 4 for e in ds.examples)
 
 

@@ -52,7 +52,7 @@ class Truncation:
         return cls(
             cfg.max_length,
             cfg.max_prompt_length,
-            getattr(cfg, "max_completion_length", None),
+            cfg.max_completion_length,
             cfg.truncation_mode,
         )
 
@@ -225,15 +225,10 @@ def _example(
 ) -> Example | None:
     where = record.where
     if not prompt and bos_id is None:
-        what = (
-            "the prompt shared by 'chosen' and 'rejected'"
-            if record.format == "implicit"
-            else "field 'prompt'"
-        )
         report.problem(
             "empty prompt",
-            f"{where}: {what} is empty and the tokenizer has no BOS token, so the completion "
-            "has nothing to follow",
+            f"{where}: field 'prompt' is empty and the tokenizer has no BOS token, so the "
+            "completion has nothing to follow",
             record.file,
         )
         return None
@@ -241,19 +236,22 @@ def _example(
         prompt = (bos_id, *prompt)
     cut = truncate(prompt, completions, limits, bos_id)
     if cut is None:
+        n = min(len(prompt), limits.max_prompt_length or len(prompt))
         report.problem(
             "no room for completion",
-            f"{where}: field 'prompt' has {min(len(prompt), limits.max_prompt_length or len(prompt))} "
-            f"tokens, leaving no room for a completion within max_length {limits.max_length} "
-            "(raise max_length, set max_prompt_length, or use truncation_mode keep_end)",
+            f"{where}: field 'prompt' has {n} tokens, leaving no room for a completion within "
+            f"max_length {limits.max_length} (raise max_length, set max_prompt_length, or use "
+            "truncation_mode keep_end)",
             record.file,
         )
         return None
     if record.paired and cut.completions[0] == cut.completions[1]:
+        limit = f"max_length {limits.max_length}"
+        if limits.max_completion_length is not None:
+            limit += f" and max_completion_length {limits.max_completion_length}"
         report.problem(
             "identical after truncation",
-            f"{where}: fields 'chosen' and 'rejected' are identical once truncated to "
-            f"max_length {limits.max_length}; raise max_length",
+            f"{where}: fields 'chosen' and 'rejected' are identical once truncated to {limit}",
             record.file,
         )
         return None
