@@ -683,6 +683,14 @@ def test_check_summary_reports_counts_lengths_and_padding(tmp_path, tok):
     assert result.lengths["chosen"].max == 6  # five " a" tokens and EOS
 
 
+def test_check_summary_of_unpaired_rows(tmp_path, tok):
+    rows = [{"prompt": "Hi", "completion": f" reply {i}", "label": i % 3 == 0} for i in range(9)]
+    result = check_dataset(write_jsonl(tmp_path / "u.jsonl", rows), tok, cfg(), batch_size=2)
+    text = result.format()
+    assert "kept: 9 rows (3 desirable, 6 undesirable)" in text
+    assert "completion" in result.lengths and "chosen" not in result.lengths
+
+
 def test_cli_data_check(tmp_path):
     from click.testing import CliRunner
 
