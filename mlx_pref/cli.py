@@ -80,16 +80,22 @@ def train(config, resume, overwrite, quiet, **flags) -> None:
     embedded tiny model on the embedded preference data with DPO.
     """
     from mlx_pref.config import load_config
-    from mlx_pref.trainer import Trainer
+    from mlx_pref.trainer import Trainer, sweep, sweep_table
 
     overrides = {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
+    cfg = load_config(config, overrides) if resume is None else None
+    if cfg is not None and cfg.sweep:
+        if overwrite and Path(cfg.output).exists():
+            shutil.rmtree(cfg.output)
+        results = sweep(cfg, verbose=not quiet)
+        click.echo(sweep_table(results))
+        return
     if resume is not None:
         run_dir = resume
         if resume == ".":
             run_dir = load_config(config, overrides).output
         trainer = Trainer.resume(run_dir, overrides, verbose=not quiet)
     else:
-        cfg = load_config(config, overrides)
         if overwrite and Path(cfg.output).exists():
             shutil.rmtree(cfg.output)
         trainer = Trainer(cfg, verbose=not quiet)
@@ -102,6 +108,83 @@ def train(config, resume, overwrite, quiet, **flags) -> None:
         ]
         summary = "  ".join(f"{k} {final[k]:.4f}" for k in keys)
         click.echo(f"done: {trainer.run_dir}  {summary}")
+
+
+@cli.command("cache-ref")
+@click.argument("config", required=False, type=click.Path(dir_okay=False))
+@click.option("--model", help="Model directory or Hub id.")
+@click.option("--data", help="Preference data file.")
+@click.option("--eval-data", help="Held-out preference data file.")
+@click.option("--loss", help="Loss (decides whether a reference is needed).")
+def cache_ref(config, **flags) -> None:
+    """Precompute the reference log-probs of a config's datasets into the cache."""
+    from mlx_pref.config import load_config
+    from mlx_pref.reference import CachedReference
+    from mlx_pref.trainer import Trainer
+
+    overrides = {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
+    cfg = load_config(config, {**overrides, "reference": "cache"})
+    trainer = Trainer(cfg)
+    if not isinstance(trainer.reference, CachedReference):
+        raise MlxPrefError(f"loss {cfg.loss} is reference-free: there is nothing to cache")
+    trainer.reference.prepare({"train": trainer.train_set, "eval": trainer.eval_set})
+    for split in trainer.reference.datasets:
+        click.echo(f"{split}: {trainer.reference.path_for(split)}")
+
+
+@cli.command()
+def losses() -> None:
+    """List every loss: its formula, whether it needs a reference, its data, its paper."""
+    from mlx_pref.losses import describe_losses
+
+    rows = describe_losses()
+    name_w = max(len(r["name"]) for r in rows)
+    for r in rows:
+        aliases = f" ({', '.join(r['aliases'])})" if r.get("aliases") else ""
+        ref = "reference" if r["reference"] else "no reference"
+        data = "paired" if r["paired"] else "unpaired"
+        click.echo(f"{r['name']:<{name_w}}  {r['formula']}")
+        click.echo(f"{'':<{name_w}}  {ref}, {data}{aliases}; {r['paper']}")
+
+
+TEMPLATES = ("dpo", "ipo", "simpo", "orpo", "bco", "kto", "weighted")
+
+
+@cli.command()
+@click.option("--template", type=click.Choice(TEMPLATES), default="dpo", show_default=True)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="File to write (default: TEMPLATE.yaml).",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(template: str, output: str | None, force: bool) -> None:
+    """Write a commented starter config for a loss family; it runs as written."""
+    from importlib.resources import files
+
+    path = Path(output or f"{template}.yaml")
+    if path.exists() and not force:
+        raise MlxPrefError(
+            f"{path} exists; pass --force to overwrite or --output to pick another file"
+        )
+    path.write_text((files("mlx_pref") / "templates" / f"{template}.yaml").read_text())
+    click.echo(f"wrote {path}; train with: mlx-pref train {path}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="PNG path (default: RUN_DIR/curves.png).",
+)
+def plot(run_dir: str, output: str | None) -> None:
+    """Draw a run's training and eval curves (loss, reward accuracy, margins, beta)."""
+    from mlx_pref.plot import plot_run
+
+    click.echo(f"wrote {plot_run(run_dir, output)}")
 
 
 @cli.command()
@@ -137,6 +220,67 @@ def doctor(as_json: bool) -> None:
         click.echo(f"{key:<{width}}  {value}")
     if not blas.fast:
         click.echo(f"hint: matmuls use a slow BLAS ({blas.note}).")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["mlx", "peft", "fused"]),
+    default="mlx",
+    show_default=True,
+    help="mlx: mlx-lm adapter; peft: PEFT adapter for transformers; fused: merged model.",
+)
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False),
+    help="Export directory (default: RUN_DIR/export-FORMAT).",
+)
+@click.option(
+    "--dequantize", is_flag=True, help="fused: write a float model from a quantized base."
+)
+@click.option(
+    "--base-model", help="Hub id of the base model to record, when the run used a local copy."
+)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
+@click.option(
+    "--push-to-hub", "repo_id", metavar="REPO_ID", help="Upload the export to this Hub repo."
+)
+@click.option("--private", is_flag=True, help="Create the Hub repo as private.")
+@click.option(
+    "--dry-run", is_flag=True, help="List what --push-to-hub would upload; upload nothing."
+)
+def export(
+    run_dir, fmt, output, dequantize, base_model, overwrite, repo_id, private, dry_run
+) -> None:
+    """Export a run's adapter for mlx-lm, PEFT/transformers, or as a fused model.
+
+    RUN_DIR is a finished run directory (or one of its checkpoints/step-N directories).
+    The Hub token comes from `hf auth login` or HF_TOKEN and is never shown.
+    """
+    from mlx_pref.export import export_run, push_to_hub, upload_files, validate_repo_id
+
+    if (private or dry_run) and not repo_id:
+        raise click.UsageError("--private and --dry-run go with --push-to-hub REPO_ID")
+    if dequantize and fmt != "fused":
+        raise click.UsageError("--dequantize goes with --format fused")
+    if repo_id:
+        validate_repo_id(repo_id)
+    folder = export_run(
+        run_dir,
+        fmt,
+        output,
+        dequantize=dequantize,
+        base=base_model,
+        repo_id=repo_id,
+        overwrite=overwrite,
+    )
+    files = upload_files(folder)
+    click.echo(f"exported {fmt} to {folder} ({len(files)} files, {sum(s for _, s in files)} bytes)")
+    if repo_id:
+        for line in push_to_hub(folder, repo_id, private=private, dry_run=dry_run):
+            click.echo(line)
 
 
 @cli.group()

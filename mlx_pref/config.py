@@ -85,6 +85,8 @@ class Config:
     strict: bool = False
     # loss
     loss: str | dict[str, float] = "sigmoid"
+    sweep: list[str] | None = None
+    """Train once per listed loss (into output/<loss>/), sharing one cached reference."""
     beta: float = 0.1
     beta_schedule: str = "constant"
     beta_end: float | None = None
@@ -125,6 +127,12 @@ class Config:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     seed: int = 0
+    share_prompt: bool = True
+    """Run each prompt once and score chosen and rejected against its cache."""
+    grad_checkpoint: bool = False
+    """Recompute block activations in the backward pass (less memory, ~1/3 more compute)."""
+    compile: bool = False
+    """Fuse the LM head's log-softmax arithmetic with mx.compile (pays on GPUs)."""
     # evaluation, logging, checkpoints
     output: str = "runs/mlx-pref"
     eval_every: int = 50
@@ -160,6 +168,8 @@ class Config:
             raise ConfigError("need 0 <= min_density_ratio <= max_density_ratio")
         try:
             weights = parse_loss(self.loss)
+            for name in self.sweep or []:
+                parse_loss(name)
         except ValueError as exc:
             raise ConfigError(f"loss: {exc}") from None
         if self.bco_udm and "bco" not in weights:
@@ -363,6 +373,10 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             raise _unknown_key(key, [*hints, *loss_params], "")
         else:
             kwargs[key] = _coerce(key, value, hints[key])
+    loss = kwargs.get("loss")
+    if isinstance(loss, str) and "," in loss:  # `--loss dpo,ipo,simpo` is a sweep
+        kwargs["sweep"] = [name.strip() for name in loss.split(",") if name.strip()]
+        kwargs["loss"] = kwargs["sweep"][0]
     for key, value in kwargs["loss_params"].items():
         if key not in loss_params:
             raise _unknown_key(key, list(loss_params), "loss parameter ")

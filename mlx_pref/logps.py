@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.base import create_causal_mask
 
 from mlx_pref.data.batching import Batch
 from mlx_pref.losses import ld_sequence_logps, wpo_pair_weights
@@ -66,48 +67,148 @@ def split_lm(model: nn.Module) -> tuple[Callable, Callable] | None:
     return model.model, model.lm_head
 
 
-def _token_logps(
-    logits: mx.array, targets: mx.array, with_p2: bool
-) -> tuple[mx.array, mx.array | None]:
+def _token_logps(logits: mx.array, targets: mx.array) -> mx.array:
+    logits = logits.astype(mx.float32)
+    picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+    return picked - mx.logsumexp(logits, axis=-1)
+
+
+def _token_logps_p2(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.array]:
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     lse = mx.logsumexp(logits, axis=-1)
-    p2 = mx.logsumexp(2 * logits, axis=-1) - 2 * lse if with_p2 else None
-    return picked - lse, p2
+    return picked - lse, mx.logsumexp(2 * logits, axis=-1) - 2 * lse
 
 
-def sequence_logps(model: nn.Module, batch: Batch, *, with_p2: bool = False) -> SequenceLogps:
-    """Summed completion log-probs for every row of ``batch`` in one forward pass.
+_HEAD_FNS = {
+    (False, False): _token_logps,
+    (True, False): _token_logps_p2,
+    (False, True): mx.compile(_token_logps, shapeless=True),
+    (True, True): mx.compile(_token_logps_p2, shapeless=True),
+}
+_compiled = False
 
+
+def set_compile(enabled: bool) -> None:
+    """Fuse the head's log-softmax arithmetic with ``mx.compile`` (config ``compile``)."""
+    global _compiled
+    _compiled = enabled
+
+
+def _head_logps(logits: mx.array, targets: mx.array, with_p2: bool):
+    out = _HEAD_FNS[(with_p2, _compiled)](logits, targets)
+    return out if with_p2 else (out, None)
+
+
+def _score(
+    hidden: mx.array, head: Callable, flat: np.ndarray, targets: np.ndarray, with_p2: bool
+) -> tuple[mx.array, mx.array | None]:
+    """Log-probs of ``targets`` at the ``flat`` positions of ``hidden`` (head in row chunks)."""
+    gather = mx.array(flat.astype(np.int32))
+    hidden = hidden.reshape(-1, hidden.shape[-1])[gather]
+    targets = mx.array(targets)
+    pieces = [
+        _head_logps(
+            head(hidden[i : i + HEAD_CHUNK_ROWS]), targets[i : i + HEAD_CHUNK_ROWS], with_p2
+        )
+        for i in range(0, len(flat), HEAD_CHUNK_ROWS)
+    ]
+    token_logps = mx.concatenate([p[0] for p in pieces])
+    return token_logps, mx.concatenate([p[1] for p in pieces]) if with_p2 else None
+
+
+def _summed(n: int, flat: np.ndarray, width: int, token_logps: mx.array) -> mx.array:
+    rows = mx.array((flat // width).astype(np.int32))
+    return mx.zeros((n,), dtype=mx.float32).at[rows].add(token_logps)
+
+
+def sequence_logps(
+    model: nn.Module, batch: Batch, *, with_p2: bool = False, share_prompt: bool = True
+) -> SequenceLogps:
+    """Summed completion log-probs for every row of ``batch``.
+
+    Paired batches run each prompt once and both completions against its cache
+    (``share_prompt``); otherwise one forward pass over the concatenated rows.
     ``with_p2`` also returns ``log Σ_v p_v²`` per scored token (WPO's weights).
     """
+    split = split_lm(model)
+    if share_prompt and split is not None and batch.paired and batch.prompt_lengths.min() > 0:
+        return _shared_prompt_logps(*split, batch, with_p2)
     tokens = batch.tokens
     n, t = tokens.shape
-    mask = batch.completion_mask()
-    flat = np.flatnonzero(mask)
-    rows = flat // (t - 1)
-    targets = mx.array(tokens[:, 1:].reshape(-1)[flat])
+    flat = np.flatnonzero(batch.completion_mask())
+    targets = tokens[:, 1:].reshape(-1)[flat]
     inputs = mx.array(tokens[:, :-1])
-    gather = mx.array(flat.astype(np.int32))
-    split = split_lm(model)
     if split is not None:
         body, head = split
-        hidden = body(inputs)
-        hidden = hidden.reshape(-1, hidden.shape[-1])[gather]
-        pieces = [
-            _token_logps(
-                head(hidden[i : i + HEAD_CHUNK_ROWS]), targets[i : i + HEAD_CHUNK_ROWS], with_p2
-            )
-            for i in range(0, len(flat), HEAD_CHUNK_ROWS)
-        ]
-    else:
-        logits = model(inputs)
-        logits = logits.reshape(-1, logits.shape[-1])[gather]
-        pieces = [_token_logps(logits, targets, with_p2)]
-    token_logps = mx.concatenate([p[0] for p in pieces])
-    p2 = mx.concatenate([p[1] for p in pieces]) if with_p2 else None
-    sums = mx.zeros((n,), dtype=mx.float32).at[mx.array(rows.astype(np.int32))].add(token_logps)
-    return SequenceLogps(sums, token_logps, flat, (n, t - 1), p2)
+        token_logps, p2 = _score(body(inputs), head, flat, targets, with_p2)
+    else:  # unknown architecture: full logits, gathered before the log-softmax
+        token_logps, p2 = _score(model(inputs), lambda h: h, flat, targets, with_p2)
+    return SequenceLogps(_summed(n, flat, t - 1, token_logps), token_logps, flat, (n, t - 1), p2)
+
+
+class PrefixCache:
+    """A differentiable per-layer KV cache for completions that follow a shared prompt.
+
+    Prompts are left-padded to one length: ``offset`` holds each row's true position
+    (for rotary embeddings) and the mask hides the padding, so every row computes
+    exactly what it would unpadded. Keys and values are concatenated, never written in
+    place, so gradients flow back into the prompt's pass.
+    """
+
+    def __init__(self, left_padding: mx.array):
+        self.left_padding = left_padding
+        self.offset = -left_padding
+        self.keys = self.values = None
+        self._idx = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        self.offset = self.offset + (keys.shape[2] - self._idx)
+        self.keys, self.values, self._idx = keys, values, keys.shape[2]
+        return keys, values
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None, **_):
+        return create_causal_mask(
+            n, offset=self._idx, left_padding=self.left_padding, window_size=window_size
+        )
+
+    def repeat(self, times: int) -> None:
+        """Serve ``times`` completions per prompt: rows are tiled along the batch axis."""
+        self.keys = mx.concatenate([self.keys] * times)
+        self.values = mx.concatenate([self.values] * times)
+        self.left_padding = mx.concatenate([self.left_padding] * times)
+        self.offset = mx.concatenate([self.offset] * times)
+
+
+def _shared_prompt_logps(body, head, batch: Batch, with_p2: bool) -> SequenceLogps:
+    """Chosen and rejected completions scored against one pass over their shared prompt."""
+    b, n = batch.num_examples, len(batch.lengths)
+    plen = batch.prompt_lengths[:b]
+    width = int(plen.max())
+    prompts = np.zeros((b, width), dtype=np.int32)
+    for i, p in enumerate(plen):
+        prompts[i, width - p :] = batch.tokens[i, :p]
+    clen = batch.completion_lengths
+    longest = int(clen.max())
+    completions = np.zeros((n, longest), dtype=np.int32)
+    for i in range(n):
+        start = batch.prompt_lengths[i]
+        completions[i, : clen[i]] = batch.tokens[i, start : start + clen[i]]
+    caches = [PrefixCache(mx.array(width - plen)) for _ in body.layers]
+    last = body(mx.array(prompts), cache=caches)[:, -1:, :]  # predicts each first completion token
+    hidden = mx.concatenate([last, last])
+    if longest > 1:
+        for cache in caches:
+            cache.repeat(2)
+        hidden = mx.concatenate([hidden, body(mx.array(completions[:, :-1]), cache=caches)], axis=1)
+    flat = np.flatnonzero(np.arange(longest)[None, :] < clen[:, None])
+    token_logps, p2 = _score(hidden, head, flat, completions.reshape(-1)[flat], with_p2)
+    return SequenceLogps(
+        _summed(n, flat, longest, token_logps), token_logps, flat, (n, longest), p2
+    )
 
 
 def row_logps(seq: SequenceLogps, batch: Batch, ld_alpha: float | None = None) -> mx.array:

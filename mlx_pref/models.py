@@ -133,6 +133,28 @@ def dequantize_model(model: nn.Module) -> None:
         model.update_modules(tree_unflatten(layers))
 
 
+def enable_grad_checkpoint(model: nn.Module) -> None:
+    """Recompute each transformer block in the backward pass instead of storing its
+    activations: less memory for about one more forward pass of compute."""
+    for layer in model.layers:
+        cls = type(layer)
+        if getattr(cls, "_checkpointed", False):
+            continue
+        call = cls.__call__
+
+        def checkpointed(self, *args, _call=call, **kwargs):
+            def inner(params, *args, **kwargs):
+                self.update(params)
+                return _call(self, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        # A subclass per instance: other models of the same class are left alone.
+        layer.__class__ = type(
+            cls.__name__, (cls,), {"__call__": checkpointed, "_checkpointed": True}
+        )
+
+
 def cast_floats(model: nn.Module, dtype: mx.Dtype) -> None:
     """Cast floating-point parameters (not quantized integers) to ``dtype``."""
     from mlx.utils import tree_map

@@ -149,10 +149,14 @@ class Reference:
 
     name = "none"
 
-    def __init__(self, reason: str = "", ld_alpha: float | None = None):
+    def __init__(self, reason: str = "", ld_alpha: float | None = None, share_prompt: bool = True):
         self.reason = reason
         self.ld_alpha = ld_alpha
         """LD-DPO: summarise pairs as the policy does, so both sides match."""
+        self.share_prompt = share_prompt
+
+    def score(self, model: nn.Module, batch: Batch):
+        return sequence_logps(model, batch, share_prompt=self.share_prompt)
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array | None:
         return None
@@ -168,6 +172,9 @@ class Reference:
     def set_weights(self, weights: dict[str, mx.array] | None) -> None:
         raise ValueError(f"the '{self.name}' reference cannot be refreshed")
 
+    def attach(self, datasets: dict) -> None:
+        """The datasets whose rows ``logps(batch, split)`` will be asked about, by split."""
+
     def prepare(self, datasets: dict) -> None:
         """Precompute whatever the strategy needs for these datasets (only the cache does)."""
 
@@ -178,9 +185,14 @@ class LiveReference(Reference):
     name = "adapters-off"
 
     def __init__(
-        self, model: nn.Module, weights: dict[str, mx.array] | None = None, reason: str = ""
+        self,
+        model: nn.Module,
+        weights: dict[str, mx.array] | None = None,
+        reason: str = "",
+        ld_alpha: float | None = None,
+        share_prompt: bool = True,
     ):
-        super().__init__(reason)
+        super().__init__(reason, ld_alpha, share_prompt)
         self.model = model
         self._weights = weights
 
@@ -193,9 +205,7 @@ class LiveReference(Reference):
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array:
         with reference_weights(self.model, self._weights):
-            out = mx.stop_gradient(
-                row_logps(sequence_logps(self.model, batch), batch, self.ld_alpha)
-            )
+            out = mx.stop_gradient(row_logps(self.score(self.model, batch), batch, self.ld_alpha))
             mx.eval(out)
         return out
 
@@ -205,13 +215,19 @@ class SeparateModel(Reference):
 
     name = "model"
 
-    def __init__(self, model: nn.Module, reason: str = "", ld_alpha: float | None = None):
-        super().__init__(reason, ld_alpha)
+    def __init__(
+        self,
+        model: nn.Module,
+        reason: str = "",
+        ld_alpha: float | None = None,
+        share_prompt: bool = True,
+    ):
+        super().__init__(reason, ld_alpha, share_prompt)
         self.model = model
         self.model.eval()
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array:
-        out = mx.stop_gradient(row_logps(sequence_logps(self.model, batch), batch, self.ld_alpha))
+        out = mx.stop_gradient(row_logps(self.score(self.model, batch), batch, self.ld_alpha))
         mx.eval(out)
         return out
 
@@ -258,8 +274,13 @@ class CachedReference(Reference):
         digest.update(dataset_fingerprint(examples).encode())
         return digest.hexdigest()[:32]
 
+    def attach(self, datasets: dict) -> None:
+        self.datasets.update({k: v for k, v in datasets.items() if v is not None})
+        for split in datasets:
+            self.values.pop(split, None)
+
     def prepare(self, datasets: dict) -> None:
-        self.datasets = {k: v for k, v in datasets.items() if v is not None}
+        self.attach(datasets)
         for split in self.datasets:
             self._values(split)
 

@@ -9,6 +9,7 @@ from its directory and continues where its last intact checkpoint left off.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -44,7 +45,7 @@ from mlx_pref.config import Config, load_config
 from mlx_pref.data import Batch, Dataset, UnpairedExample, collate, load_datasets
 from mlx_pref.data.batching import batch_order
 from mlx_pref.errors import ConfigError, MlxPrefError
-from mlx_pref.logps import row_logps, sequence_logps, split_lm, wpo_weights
+from mlx_pref.logps import row_logps, sequence_logps, set_compile, split_lm, wpo_weights
 from mlx_pref.losses import (
     LossState,
     beta_at,
@@ -56,7 +57,7 @@ from mlx_pref.losses import (
     preference_loss,
     sample_prompt_indices,
 )
-from mlx_pref.models import LoadedModel, load_model
+from mlx_pref.models import LoadedModel, enable_grad_checkpoint, load_model
 from mlx_pref.progress import MetricsLog, Progress, format_metrics
 from mlx_pref.reference import (
     CachedReference,
@@ -165,6 +166,9 @@ class Trainer:
         )
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         self.adapter_config, sft_weights = self._attach_adapters()
+        if cfg.grad_checkpoint:
+            enable_grad_checkpoint(self.model)
+        set_compile(cfg.compile)
         self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer)
         self.loss_weights = parse_loss(cfg.loss)
         self.loss_specs = [get_loss(name) for name in self.loss_weights]
@@ -178,13 +182,14 @@ class Trainer:
         if cfg.use_weighting and not self.train_set.paired:
             raise ConfigError("use_weighting (WPO) weights pairs: it needs paired data")
         self.loss_state = LossState()
-        self.kto_kl = "kto" in self.loss_weights
-        self.reference = self._make_reference(sft_weights)
-        self.udm: dict[str, np.ndarray] = {}
-        self.udm_classifier = None
         self.steps_per_epoch = math.ceil(
             math.ceil(len(self.train_set) / cfg.batch_size) / cfg.grad_accum
         )
+        self.kto_kl = "kto" in self.loss_weights
+        self.reference = self._make_reference(sft_weights)
+        self.reference.attach({"train": self.train_set, "eval": self.eval_set})
+        self.udm: dict[str, np.ndarray] = {}
+        self.udm_classifier = None
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.optimizer = optim.AdamW(
             learning_rate=lr_schedule(cfg, self.total_steps), weight_decay=cfg.weight_decay
@@ -263,7 +268,7 @@ class Trainer:
                     f"ref_model {cfg.ref_model} has a different tokenizer from the model"
                 )
             scorer: Reference = SeparateModel(
-                ref.model, "a separate reference model was given", cfg.ld_alpha
+                ref.model, "a separate reference model was given", cfg.ld_alpha, cfg.share_prompt
             )
             identity = f"ref_model|{model_fingerprint(ref.path)}"
         else:
@@ -275,7 +280,11 @@ class Trainer:
                 else "the base with adapters off"
             )
             scorer = LiveReference(
-                self.model, sft_weights, f"{what}, no second copy of the weights"
+                self.model,
+                sft_weights,
+                f"{what}, no second copy of the weights",
+                cfg.ld_alpha,
+                cfg.share_prompt,
             )
             identity = f"base|{model_fingerprint(self.loaded.path)}"
         live_refresh = cfg.sync_ref_model and cfg.ref_model_sync_steps < self.steps_per_epoch
@@ -389,7 +398,9 @@ class Trainer:
     def _forward(self, batch: Batch, ctx: BatchContext, train: bool):
         """Loss and per-batch metrics for one batch under the current policy."""
         cfg = self.config
-        seq = sequence_logps(self.model, batch, with_p2=cfg.use_weighting)
+        # The prefix cache must not be replayed by a checkpointed backward pass.
+        share = cfg.share_prompt and not cfg.grad_checkpoint
+        seq = sequence_logps(self.model, batch, with_p2=cfg.use_weighting, share_prompt=share)
         logps = row_logps(seq, batch, cfg.ld_alpha)
         chosen_idx = mx.array(np.flatnonzero(batch.labels))
         rejected_idx = mx.array(np.flatnonzero(~batch.labels))
@@ -480,8 +491,8 @@ class Trainer:
         dataset = dataset or self.eval_set
         if dataset is None:
             return {}
-        if split == "custom" and isinstance(self.reference, CachedReference):
-            self.reference.prepare({**self.reference.datasets, "custom": dataset})
+        if split == "custom":
+            self.reference.attach({"custom": dataset})
         lengths = [e.length for e in dataset.examples]
         order = batch_order(lengths, self.config.batch_size, seed=0, epoch=0)
         if self.config.eval_batches:
@@ -673,3 +684,40 @@ def train(config: Config | str | Path | None = None, **overrides) -> dict[str, f
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     return Trainer(config).train()
+
+
+def sweep(config: Config, verbose: bool = True) -> list[tuple[str, dict[str, float]]]:
+    """One run per loss in ``config.sweep``, into ``output/<loss>``; returns final metrics.
+
+    The runs share the reference cache (same model and data give the same fingerprint),
+    so the reference is scored once. A finished sub-run is skipped and an interrupted
+    one resumed, so re-running a sweep continues it.
+    """
+    results = []
+    for name in config.sweep or [config.loss]:
+        sub = dataclasses.replace(
+            config, loss=name, sweep=None, output=str(Path(config.output) / name)
+        )
+        run_dir = Path(sub.output)
+        if list_checkpoints(run_dir):
+            trainer = Trainer.resume(run_dir, verbose=verbose)
+            if trainer.step >= trainer.total_steps:
+                records = trainer.metrics_log.read()
+                final = {k: v for r in records for k, v in r.items()}
+                results.append((name, final))
+                continue
+        else:
+            trainer = Trainer(sub, verbose=verbose)
+        results.append((name, trainer.train()))
+    return results
+
+
+def sweep_table(results: list[tuple[str, dict[str, float]]]) -> str:
+    """A plain-text comparison of the final eval metrics of a sweep."""
+    keys = ["eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen"]
+    header = ["loss", *[k.removeprefix("eval/") for k in keys]]
+    rows = [[name, *[f"{m[k]:.4f}" if k in m else "-" for k in keys]] for name, m in results]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

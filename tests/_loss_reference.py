@@ -1,18 +1,23 @@
 """Independent float64 NumPy reference for the preference losses.
 
-Written from TRL's definitions (v1.9.0 dpo_trainer.py / cpo_trainer.py / orpo_trainer.py /
-kto_trainer.py / experimental bco_trainer.py; v0.28.0 dpo_trainer.py for cDPO smoothing on
-sigmoid, reference_free, rpo_alpha and bco_pair's running shift), term by term as TRL writes
-them, and never calling mlx_pref. Where mlx-pref documents a deliberate deviation (exponent
-clamps at 80, the ORPO clamp of averaged log-probs at -1e-6), the reference applies the same
-rule so that everything else is still compared exactly.
+Written from TRL's definitions, term by term as TRL writes them, and never calling mlx_pref:
+TRL 1.16 trl/trainer/dpo_trainer.py (DPO family, WPO, LD-DPO), trl/trainer/kto_trainer.py,
+trl/experimental/cpo/cpo_trainer.py and trl/experimental/orpo/orpo_trainer.py; TRL 1.13
+trl/experimental/bco/bco_trainer.py (BCO, RunningMoments, UDM weights); TRL 0.28
+dpo_trainer.py for what TRL 1.x dropped (cDPO smoothing on sigmoid, reference_free,
+rpo_alpha, bco_pair's running shift). Where mlx-pref documents a deliberate deviation that
+only acts where TRL overflows (exponents capped at EXP_MAX, averaged log-probs capped just
+below 0 in ORPO), the reference applies the same rule so that everything else is still
+compared exactly.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-EXP_CLAMP = 80.0
+EXP_CLAMP = 80.0  # TRL 1.16's own clamp of the α-divergence exponent (float32)
+EXP_MAX = 88.7227  # mlx-pref's cap on exponents TRL leaves unclamped (float32 overflow: 88.72284)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # mlx-pref caps ORPO's averaged log-probs at -this
 
 
 def log_sigmoid(x):
@@ -30,17 +35,19 @@ def token_nll(token_logps: np.ndarray, mask: np.ndarray) -> float:
 
 
 def f_scores(logratios, f_type="reverse_kl", coef=0.5):
+    """TRL 1.16 chosen_scores / rejected_scores: f'(t) of t = π/π_ref, constants included."""
     lr = np.asarray(logratios, dtype=np.float64)
     if f_type == "reverse_kl":
         return lr
-    if f_type == "forward_kl":
-        return -np.exp(np.minimum(-lr, EXP_CLAMP))
-    if f_type == "js_divergence":
-        return log_sigmoid(lr)
-    if f_type == "alpha_divergence":
+    if f_type == "forward_kl":  # f'(t) = 1 - 1/t
+        return 1 - np.exp(np.minimum(-lr, EXP_MAX))
+    if f_type == "js_divergence":  # f'(t) = log 2 + log σ(log t)
+        return np.log(2) + log_sigmoid(lr)
+    if f_type == "alpha_divergence":  # f'(t) = (t^(α-1) - 1) / (α - 1)
         if abs(coef - 1.0) < 1e-6:
             return lr
-        return np.exp(np.minimum((coef - 1.0) * lr, EXP_CLAMP)) / (coef - 1.0)
+        t = np.minimum((coef - 1.0) * lr, EXP_CLAMP)
+        return (np.exp(t) - 1.0) * (1.0 / (coef - 1.0))
     raise ValueError(f_type)
 
 
@@ -64,7 +71,11 @@ def dpo_reference(
     tau=0.05,
     delta=0.0,
 ):
-    """Per-pair losses and rewards of a DPO-family loss (TRL DPOTrainer)."""
+    """Per-pair losses and rewards of a DPO-family loss (TRL 1.16 DPOTrainer._compute_loss).
+
+    ``eps`` on sigmoid, ``reference_free``, ``rpo_alpha`` and ``delta`` (bco_pair's running
+    shift) are TRL 0.28's; TRL 1.16 is ``eps = 0``, ``delta = 0`` there.
+    """
     c, r = np.asarray(c, np.float64), np.asarray(r, np.float64)
     if reference_free or rc is None:
         rc, rr = np.zeros_like(c), np.zeros_like(r)
@@ -88,16 +99,17 @@ def dpo_reference(
             log_sigmoid(-b * delta_score) - np.log(eps)
         )
     elif loss == "nca_pair":
-        cr, rj = b * cs, b * rs
+        cr, rj = b * chosen_logratios, b * rejected_logratios
         out = -log_sigmoid(cr) - 0.5 * log_sigmoid(-cr) - 0.5 * log_sigmoid(-rj)
     elif loss == "robust":
         clean = -(1 - eps) * log_sigmoid(b * delta_score)
         flipped = -eps * log_sigmoid(-b * delta_score)
         out = (clean - flipped) / (1 - 2 * eps)
     elif loss == "bco_pair":
-        out = -log_sigmoid(b * cs - delta) - log_sigmoid(-(b * rs - delta))
+        cr, rj = b * chosen_logratios, b * rejected_logratios
+        out = -log_sigmoid(cr - delta) - log_sigmoid(-(rj - delta))
     elif loss == "sppo_hard":
-        out = (cs - 0.5 / b) ** 2 + (rs + 0.5 / b) ** 2
+        out = (chosen_logratios - 0.5 / b) ** 2 + (rejected_logratios + 0.5 / b) ** 2
     elif loss == "aot":
         d = np.sort(c - r) - np.sort(rc - rr)
         out = -log_sigmoid(b * d) * (1 - eps) - log_sigmoid(-b * d) * eps
@@ -115,6 +127,8 @@ def dpo_reference(
         with np.errstate(over="ignore", invalid="ignore"):
             exp_part = np.exp(-logits) * modulation
         exp_part = np.where(modulation == 0.0, 0.0, exp_part)  # 0·∞ → its limit 0
+        # mlx-pref caps σ(z/τ)·e^{-z} at e^EXP_MAX where it leaves float32's range.
+        exp_part = np.where(log_sigmoid(logits / tau) - logits > EXP_MAX, np.exp(EXP_MAX), exp_part)
         out = logistic * (1 - modulation) + exp_part
     elif loss == "sft":
         out = np.full(c.shape, nll)
@@ -131,13 +145,16 @@ def dpo_reference(
 
 
 def alphapo(logps, alpha):
+    """AlphaPO reward (1 - p^(-α)) / α, p = exp(logps); p^(-α) = exp(-α·logps), capped at
+    exp(EXP_MAX) where TRL's float32 value overflows."""
     if alpha == 0.0:
         return logps
-    return (1 - np.exp(np.minimum(-alpha * logps, EXP_CLAMP))) / alpha
+    return (1 - np.exp(np.minimum(-alpha * np.asarray(logps, np.float64), EXP_MAX))) / alpha
 
 
 def cpo_reference(c, r, *, beta, eps=0.0, cpo_alpha=1.0, alpha=0.0, nll=None):
-    """CPOTrainer, loss_type='sigmoid': per-pair loss incl. cpo_alpha·NLL, rewards."""
+    """CPOTrainer.cpo_loss, loss_type='sigmoid': per-pair loss plus cpo_alpha·NLL (TRL adds it
+    to the mean, the same mean), rewards β·r."""
     rc, rj = alphapo(np.asarray(c, np.float64), alpha), alphapo(np.asarray(r, np.float64), alpha)
     logits = rc - rj
     out = -log_sigmoid(beta * logits) * (1 - eps) - log_sigmoid(-beta * logits) * eps
@@ -149,7 +166,7 @@ def cpo_reference(c, r, *, beta, eps=0.0, cpo_alpha=1.0, alpha=0.0, nll=None):
 def simpo_reference(
     c, r, len_c, len_r, *, beta, gamma=0.5, eps=0.0, cpo_alpha=0.0, alpha=0.0, nll=None
 ):
-    """CPOTrainer, loss_type='simpo' on length-averaged log-probs."""
+    """CPOTrainer.cpo_loss, loss_type='simpo', on length-averaged log-probs."""
     ac = np.asarray(c, np.float64) / len_c
     ar = np.asarray(r, np.float64) / len_r
     rc, rj = alphapo(ac, alpha), alphapo(ar, alpha)
@@ -161,6 +178,7 @@ def simpo_reference(
 
 
 def log1mexp(x):
+    """log(1 - e^x) for x < 0 (TRL's ORPO helper; float64 needs no branch)."""
     x = np.asarray(x, np.float64)
     return np.log(-np.expm1(x))
 
@@ -169,7 +187,7 @@ def orpo_reference(c, r, len_c, len_r, *, beta, nll):
     """ORPOTrainer.odds_ratio_loss; the total is nll - mean(beta * ratio)."""
     ac = np.asarray(c, np.float64) / len_c
     ar = np.asarray(r, np.float64) / len_r
-    pc, pr = np.minimum(ac, -1e-6), np.minimum(ar, -1e-6)
+    pc, pr = np.minimum(ac, -FLOAT32_TINY), np.minimum(ar, -FLOAT32_TINY)
     log_odds = (pc - pr) - (log1mexp(pc) - log1mexp(pr))
     ratio = log_sigmoid(log_odds)
     out = nll - beta * ratio
@@ -177,7 +195,7 @@ def orpo_reference(c, r, len_c, len_r, *, beta, nll):
 
 
 class RunningMomentsRef:
-    """TRL's RunningMoments.update (single process), float64."""
+    """TRL 1.13's RunningMoments.update (single process), in float64."""
 
     def __init__(self):
         self.mean, self.std, self.var, self.count = 0.0, 1.0, 1.0, 1e-24
@@ -193,12 +211,17 @@ class RunningMomentsRef:
         old_sum = self.var * self.count + delta**2 * self.count * xs_count / tot_count
         tot_sum = old_sum + new_sum
         self.mean += delta * xs_count / tot_count
-        self.var = tot_sum / tot_count
+        new_var = tot_sum / tot_count
+        with np.errstate(divide="ignore"):  # one value seen: TRL divides by tot_count - 1 = 0
+            self.std = float(np.sqrt(np.float64(new_var * tot_count) / np.float64(tot_count - 1)))
+        self.var = new_var
         self.count = tot_count
 
 
 def bco_reference(c, r, rc, rr, *, beta, running, train=True, udm=None):
-    """BCOTrainer.bco_loss: returns (per-row losses, chosen rewards, rejected rewards, delta)."""
+    """TRL 1.13 BCOTrainer.bco_loss: (per-row losses, chosen rewards, rejected rewards, delta).
+
+    ``train`` is TRL's ``do_train`` (False in evaluation: δ is read, not updated)."""
     chosen_rewards = beta * (np.asarray(c, np.float64) - rc)
     rejected_rewards = beta * (np.asarray(r, np.float64) - rr)
     if train:
@@ -212,7 +235,7 @@ def bco_reference(c, r, rc, rr, *, beta, running, train=True, udm=None):
 
 
 def kto_reference(c, r, rc, rr, *, beta, kl_policy=None, kl_ref=None, wd=1.0, wu=1.0):
-    """KTOTrainer._compute_loss, loss_type='kto'."""
+    """TRL 1.16 KTOTrainer._compute_loss, loss_type='kto' (single process)."""
     if kl_policy is None:
         kl = 0.0
     else:
@@ -225,6 +248,7 @@ def kto_reference(c, r, rc, rr, *, beta, kl_policy=None, kl_ref=None, wd=1.0, wu
 
 
 def apo_zero_unpaired_reference(c, r, rc, rr, *, beta, wd=1.0, wu=1.0):
+    """TRL 1.16 KTOTrainer._compute_loss, loss_type='apo_zero_unpaired' (no KL term)."""
     cl = np.asarray(c, np.float64) - rc
     rl = np.asarray(r, np.float64) - rr
     chosen_losses = 1 - sigmoid(beta * cl)
@@ -233,7 +257,8 @@ def apo_zero_unpaired_reference(c, r, rc, rr, *, beta, wd=1.0, wu=1.0):
 
 
 def wpo_weights_from_logits(logits: np.ndarray, labels: np.ndarray, mask: np.ndarray):
-    """TRL v1.9: exp(mean over completion tokens of (logp - (lse(2·logits) - 2·lse(logits))))."""
+    """TRL 1.16 WPO weight: exp(mean over completion tokens of (logp - log Σ_v p_v²)), with
+    log Σ_v p_v² = lse(2·logits) - 2·lse(logits)."""
     logits = np.asarray(logits, np.float64)
     lse1 = np.logaddexp.reduce(logits, axis=-1)
     lse2 = np.logaddexp.reduce(2.0 * logits, axis=-1)
@@ -243,7 +268,7 @@ def wpo_weights_from_logits(logits: np.ndarray, labels: np.ndarray, mask: np.nda
 
 
 def ld_reference(token_logps: np.ndarray, mask: np.ndarray, shared_lens: np.ndarray, alpha):
-    """TRL v1.9 LD-DPO aggregation, written as an explicit loop over tokens."""
+    """TRL 1.16 LD-DPO aggregation (shared prefix weight 1, tail ld_alpha), as a token loop."""
     out = np.zeros(token_logps.shape[0])
     for b in range(token_logps.shape[0]):
         pos = 0

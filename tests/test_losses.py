@@ -43,6 +43,8 @@ DPO_LOSSES = [
     "apo_down",
     "discopop",
 ]
+F_DIV_LOSSES = ["sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"]
+"""The losses TRL 1.16 allows with a non-default f_divergence_type."""
 F_DIVS = [
     ("reverse_kl", 0.5),
     ("forward_kl", 0.5),
@@ -107,10 +109,8 @@ def tokens(seed: int, n: int = 6, t: int = 12):
 # ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", DPO_LOSSES)
-@pytest.mark.parametrize("f_type,coef", F_DIVS)
-def test_dpo_family_matches_reference(name, f_type, coef):
-    c, r, rc, rr, lc, lr = pairs(1)
+def check_dpo_loss(name, f_type="reverse_kl", coef=0.5, seed=1):
+    c, r, rc, rr, lc, lr = pairs(seed)
     eps = 1e-3 if name == "exo_pair" else 0.0
     beta = 0.1
     out = L.preference_loss(
@@ -133,6 +133,52 @@ def test_dpo_family_matches_reference(name, f_type, coef):
     close(out.loss, losses.mean())
     close(out.chosen_rewards, cr)
     close(out.rejected_rewards, rj)
+
+
+@pytest.mark.parametrize("name", DPO_LOSSES)
+def test_dpo_family_matches_reference(name):
+    check_dpo_loss(name)
+
+
+@pytest.mark.parametrize("name", [n for n in DPO_LOSSES if n in F_DIV_LOSSES])
+@pytest.mark.parametrize("f_type,coef", F_DIVS[1:])
+def test_f_divergences_match_reference(name, f_type, coef):
+    check_dpo_loss(name, f_type, coef)
+
+
+def test_f_divergence_constants_shift_length_normalised_losses():
+    # One pair, log-ratios 0 on both sides: every f-score is f'(1) = 0 (TRL 1.16 keeps the
+    # constants), so IPO sees a zero margin whatever the lengths.
+    for f_type in ["forward_kl", "js_divergence", "alpha_divergence"]:
+        out = L.preference_loss(
+            "ipo", [-5.0], [-7.0], [-5.0], [-7.0], [3.0], [9.0], beta=0.5, f_divergence_type=f_type
+        )
+        assert out.loss.item() == pytest.approx(1.0, abs=1e-6)  # (0 - 1/(2β))²
+
+
+@pytest.mark.parametrize("name", [n for n in [*DPO_LOSSES, "bco_pair"] if n not in F_DIV_LOSSES])
+def test_f_divergence_rejected_for_other_losses(name):
+    c, r, rc, rr, lc, lr = pairs(17, n=4)
+    state = L.LossState() if name == "bco_pair" else None
+    with pytest.raises(ValueError, match=f"does not apply to loss '{name}'.*reverse_kl"):
+        L.preference_loss(
+            name, c, r, rc, rr, lc, lr, beta=0.1, state=state, f_divergence_type="forward_kl"
+        )
+    # The default is accepted, and an explicit 'reverse_kl' too.
+    L.preference_loss(
+        name, c, r, rc, rr, lc, lr, beta=0.1, state=state, f_divergence_type="reverse_kl"
+    )
+    assert state is None or state.state_dict()["running"]  # bco_pair moved δ once
+    with pytest.raises(ValueError, match="does not apply to loss 'nca_pair'"):
+        L.preference_loss(
+            {"sigmoid": 0.5, "nca_pair": 0.5},
+            c,
+            r,
+            rc,
+            rr,
+            beta=0.1,
+            f_divergence_type="js_divergence",
+        )
 
 
 @pytest.mark.parametrize("name", ["sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"])
@@ -185,22 +231,53 @@ def test_large_magnitude_log_ratios(name):
     assert np.all(np.isfinite(npy(grads)))
 
 
+@pytest.mark.parametrize("name", ["sigmoid", "hinge", "robust", "discopop"])
 @pytest.mark.parametrize("f_type,coef", F_DIVS)
-def test_large_magnitude_f_divergences(f_type, coef):
+def test_large_magnitude_f_divergences(name, f_type, coef):
     c, r, rc, rr, lc, lr = pairs(4, n=16, large=True)
-    out = L.preference_loss(
-        "sigmoid",
-        c,
-        r,
-        rc,
-        rr,
-        beta=0.125,
-        f_divergence_type=f_type,
-        f_alpha_divergence_coef=coef,
-    )
-    losses, _, _ = ref.dpo_reference("sigmoid", c, r, rc, rr, beta=0.125, f_type=f_type, coef=coef)
-    assert np.all(np.isfinite(npy(out.losses)))
+    kw = {"f_divergence_type": f_type, "f_alpha_divergence_coef": coef}
+    out = L.preference_loss(name, c, r, rc, rr, beta=0.125, **kw)
+    losses, _, _ = ref.dpo_reference(name, c, r, rc, rr, beta=0.125, f_type=f_type, coef=coef)
+    assert np.all(np.isfinite(npy(out.losses))) and np.isfinite(out.loss.item())
     close(out.losses, losses)
+    grads = mx.grad(lambda x: L.preference_loss(name, x, r, rc, rr, beta=0.125, **kw).loss)(
+        mx.array(c)
+    )
+    assert not np.any(np.isnan(npy(grads)))
+
+
+def test_forward_kl_exponent_is_exact_until_float32_overflow():
+    # TRL 1.16 evaluates 1 - exp(-l) unclamped: finite down to l ≈ -88.72, inf below.
+    # mlx-pref agrees wherever TRL is finite and stays finite below.
+    lc = np.array([-1.0, -79.5, -80.5, -84.0, -88.0, -88.5, -88.72, -89.0, -500.0], np.float32)
+    scores, _ = L.f_divergence_scores(mx.array(lc), mx.array(lc), "forward_kl")
+    expected = 1 - np.exp(-f64(lc))  # TRL's score, in float64
+    finite = np.abs(expected) < np.finfo(np.float32).max
+    assert finite[:-2].all() and not finite[-2:].any()  # TRL overflows on the last two
+    close(npy(scores)[finite], expected[finite])
+    assert np.all(np.isfinite(npy(scores)))
+    zeros = np.zeros_like(lc)
+    out = L.preference_loss(
+        "sigmoid", lc, zeros, zeros, zeros, beta=0.5, f_divergence_type="forward_kl"
+    )
+    assert np.all(np.isfinite(npy(out.losses))) and np.isfinite(out.loss.item())
+
+
+def test_discopop_wide_tau_large_magnitude():
+    # With τ > 1, σ(z/τ)·e^{-z} grows without bound as z → -∞: TRL overflows (inf or NaN),
+    # mlx-pref caps it at e^88.7227 and matches TRL wherever TRL's value fits in float32.
+    c, r, rc, rr, _, _ = pairs(18, n=16, large=True)
+    out = L.preference_loss("discopop", c, r, rc, rr, beta=0.125, discopop_tau=2.0)
+    losses, _, _ = ref.dpo_reference("discopop", c, r, rc, rr, beta=0.125, tau=2.0)
+    assert np.all(np.isfinite(npy(out.losses))) and np.isfinite(out.loss.item())
+    close(out.losses, losses)
+    small = pairs(19, n=8)[:4]
+    out = L.preference_loss("discopop", *small, beta=0.5, discopop_tau=2.0)
+    close(out.losses, ref.dpo_reference("discopop", *small, beta=0.5, tau=2.0)[0])
+    g = mx.grad(
+        lambda x: L.preference_loss("discopop", x, r, rc, rr, beta=0.125, discopop_tau=2.0).loss
+    )(mx.array(c))
+    assert not np.any(np.isnan(npy(g)))
 
 
 def test_sigmoid_gradient_matches_closed_form():
@@ -322,11 +399,13 @@ def test_bco_pair_running_shift_over_steps():
         c, r, rc, rr, lc, lr = pairs(100 + step, n=n)
         out = L.preference_loss("bco_pair", c, r, rc, rr, lc, lr, beta=beta, state=state)
         rewards = np.concatenate([beta * (f64(c) - rc), beta * (f64(r) - rr)])
-        moments.update([rewards.mean()])  # TRL v0.28: one value per step
+        moments.update([rewards.mean()])  # TRL 0.28: one value per step
         assert state.delta("bco_pair") == pytest.approx(moments.mean, rel=1e-6, abs=1e-9)
+        # One value per step: TRL's std is inf after the first step (count - 1 = 0).
+        assert state.running["bco_pair"].std == pytest.approx(moments.std, rel=1e-5)
         losses, _, _ = ref.dpo_reference("bco_pair", c, r, rc, rr, beta=beta, delta=moments.mean)
         close(out.losses, losses)
-        close(out.metrics["bco_pair/delta"], moments.mean)
+        close(out.metrics["delta"], moments.mean)
 
         # Evaluation reads δ without moving it.
         before = state.state_dict()
@@ -380,10 +459,24 @@ def test_cpo(eps, alpha):
     close(out.chosen_rewards, cr)
     close(out.rejected_rewards, rj)
     close(out.metrics["nll_loss"], nll)
-    # cpo_alpha=0 drops the NLL term (and no lengths are needed then).
+    # cpo_alpha=0 drops the NLL term (and no lengths are needed then); TRL logs nll_loss = 0.
     out0 = L.preference_loss("cpo", c, r, beta=0.1, label_smoothing=eps, alpha=alpha, cpo_alpha=0)
     losses0, _, _ = ref.cpo_reference(c, r, beta=0.1, eps=eps, alpha=alpha, cpo_alpha=0.0)
     close(out0.losses, losses0)
+    assert out0.metrics["nll_loss"].item() == 0.0
+
+
+def test_alphapo_reward_is_exact_until_float32_overflow():
+    # TRL 1.16: (1 - exp(logp).pow(-α)) / α. With α = 1 it is finite down to logp ≈ -88.72
+    # (and mlx-pref must agree there); below, TRL overflows and mlx-pref stays finite.
+    c = np.array([-2.0, -79.5, -80.5, -85.0, -88.5, -88.72, -89.5, -300.0], np.float32)
+    r = np.full_like(c, -1.0)
+    out = L.preference_loss("cpo", c, r, beta=1e-3, alpha=1.0, cpo_alpha=0.0)
+    trl_reward = 1 - np.exp(-f64(c))  # p^(-1) = exp(-logp), α = 1
+    finite = np.abs(trl_reward) < np.finfo(np.float32).max
+    assert finite[:-2].all() and not finite[-2:].any()
+    close(npy(out.chosen_rewards)[finite], 1e-3 * trl_reward[finite])
+    assert np.all(np.isfinite(npy(out.losses))) and np.all(np.isfinite(npy(out.chosen_rewards)))
 
 
 @pytest.mark.parametrize("gamma,cpo_alpha,alpha,eps", [(0.5, 0.0, 0.0, 0.0), (1.2, 0.7, 0.3, 0.1)])
@@ -437,9 +530,10 @@ def test_orpo_extreme_log_probs_stay_finite():
     ones = np.ones(4, np.float32)
     out = L.preference_loss("orpo", c, r, None, None, ones, ones, beta=0.1)
     losses, _, _, _, log_odds = ref.orpo_reference(c, r, ones, ones, beta=0.1, nll=-f64(c).mean())
-    close(out.losses, losses, rtol=2e-5)  # log(1-e^x) near x = -1e-6 loses a few ulps
-    # The -1e-6 clamp shows in the log-odds (unclamped they would differ by ~14); rows of
-    # size 1e4 carry float32 spacing 1e-3 into this mean.
+    close(out.losses, losses, rtol=2e-5)  # log(1-e^x) near x = -1e-7 loses a few ulps
+    # Only the averaged log-prob of exactly 0 is capped (at -1.18e-38, where TRL's log-odds
+    # are infinite); -1e-7 is used as is. Rows of size 1e4 carry float32 spacing 1e-3 into
+    # this mean.
     close(out.metrics["log_odds_chosen"], log_odds, atol=1e-3)
     g = mx.grad(lambda x: L.preference_loss("orpo", x, r, None, None, ones, ones, beta=0.1).loss)(
         mx.array(c)
@@ -490,10 +584,11 @@ def test_bco_running_delta_over_steps_and_eval():
         close(out.loss, losses.mean())
         close(out.chosen_rewards, cr)
         close(out.rejected_rewards, rj)
-        close(out.metrics["bco/delta"], delta)
+        close(out.metrics["delta"], delta)
         assert state.delta("bco") == pytest.approx(moments.mean, rel=1e-6, abs=1e-12)
         assert state.running["bco"].var == pytest.approx(moments.var, rel=1e-5)
         assert state.running["bco"].count == pytest.approx(moments.count)
+        assert state.running["bco"].std == pytest.approx(moments.std, rel=1e-5)
 
         before = json.dumps(state.state_dict())
         c2, r2, rc2, rr2 = unpaired(300 + step, 3, 2)
@@ -570,6 +665,16 @@ def test_running_moments_cross_rank_reduction(monkeypatch):
     assert moments.count == pytest.approx(expected.count)
 
 
+def test_running_moments_initial_values_and_std():
+    moments, expected = L.RunningMoments(), ref.RunningMomentsRef()
+    assert (moments.mean, moments.var, moments.count, moments.std) == (0.0, 1.0, 1e-24, 1.0)
+    for batch in ([0.5], [1.0, -2.0, 0.25], [3.0, 3.0]):
+        moments.update(mx.array(batch))
+        expected.update(batch)
+        assert moments.std == pytest.approx(expected.std, rel=1e-6)
+        assert moments.mean == pytest.approx(expected.mean, rel=1e-6)
+
+
 def test_single_process_needs_no_reduction():
     assert loss_base.distributed_group() is None
     x = mx.array([1.0, 2.0])
@@ -642,6 +747,7 @@ def test_apo_zero_unpaired():
         "apo_zero_unpaired", c, r, rc, rr, beta=0.3, desirable_weight=2.0, undesirable_weight=0.5
     )
     close(out.losses, ref.apo_zero_unpaired_reference(c, r, rc, rr, beta=0.3, wd=2.0, wu=0.5))
+    assert out.metrics["kl"].item() == 0.0  # TRL computes no KL here and logs 0
 
 
 def test_unpaired_empty_sides():
@@ -704,8 +810,15 @@ def test_registry_contents():
     rows = L.describe_losses()
     assert [row["name"] for row in rows] == names
     for row in rows:
-        assert row["formula"] and row["paper"] and row["trl"].startswith("TRL v")
+        assert row["formula"] and row["paper"] and row["trl"].startswith("TRL 1.1")
         assert row["data"] in ("paired", "unpaired")
+    trl = {row["name"]: row["trl"] for row in rows}
+    assert trl["bco"] == "TRL 1.13 trl/experimental/bco/bco_trainer.py"
+    assert trl["kto"] == "TRL 1.16 trl/trainer/kto_trainer.py"
+    assert trl["simpo"].startswith("TRL 1.16 trl/experimental/cpo/cpo_trainer.py")
+    assert trl["hinge"].startswith("TRL 1.16 trl/trainer/dpo_trainer.py")
+    assert "label_smoothing (cDPO)" in trl["sigmoid"] and "running shift" in trl["bco_pair"]
+    assert all("rpo_alpha: TRL 0.28" in trl[n] for n in [*DPO_LOSSES, "bco_pair", "sft"])
     arxiv = {row["name"]: row["arxiv"] for row in rows}
     assert arxiv["sigmoid"] == "2305.18290"
     assert arxiv["simpo"] == "2405.14734"
@@ -767,7 +880,7 @@ def test_weighted_combination_is_weighted_sum():
         close(out.metrics[f"{name}/loss"], npy(parts[name].loss))
     # Clashing metric names get the loss name as prefix; unique ones keep theirs.
     assert "sigmoid/nll_loss" in out.metrics and "ipo/nll_loss" in out.metrics
-    assert "kl" in out.metrics and "bco/delta" in out.metrics
+    assert "kl" in out.metrics and "delta" in out.metrics
     assert state_combo.state_dict() == state_parts.state_dict()
     # Gradients flow through the combination.
     g = mx.grad(

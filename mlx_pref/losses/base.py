@@ -21,10 +21,20 @@ ArrayLike = Any
 """An ``mx.array``, a NumPy array, a Python list or a scalar."""
 
 EXP_CLAMP = 80.0
-"""Largest exponent passed to ``exp`` in the f-divergence and AlphaPO transforms.
+"""Clamp on the α-divergence exponent: TRL 1.16 ``trl/trainer/dpo_trainer.py`` clamps it at
+80 for float32 (and bfloat16) inputs; mlx-pref computes in float32, so it uses the same 80."""
 
-TRL v1.9 clamps the α-divergence exponent at 80 in float32 so that ``exp`` stays finite;
-mlx-pref applies the same clamp to the forward-KL and AlphaPO transforms as well."""
+EXP_MAX = 88.7227
+"""Largest exponent :func:`bounded_exp` evaluates (larger ones are clamped to it).
+
+float32 ``exp`` is finite up to ``ln(FLT_MAX) ≈ 88.72284``, beyond which TRL's unclamped
+``exp`` (forward-KL scores, AlphaPO rewards, DiscoPOP's exponential term) overflows to ``inf``.
+Stopping 1e-4 short keeps a margin for ``exp`` implementations that are a few ulp off, so the
+result is identical to TRL's wherever TRL is finite except in the last ~18 float32 inputs
+before its overflow, where it is at most 1e-4 (relative) smaller."""
+
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+"""Smallest positive normal float32 (about 1.18e-38)."""
 
 LOG_HALF = -math.log(2.0)
 
@@ -134,13 +144,29 @@ def log_sigmoid(x: mx.array) -> mx.array:
     return nn.log_sigmoid(x)
 
 
+def bounded_exp(x: mx.array) -> mx.array:
+    """``exp(min(x, EXP_MAX))``: finite for every input, equal to ``exp(x)`` below ``EXP_MAX``.
+
+    MLX's float32 ``exp`` (CPU) already returns ``inf`` above 88.0, short of float32's limit,
+    so arguments above 80 are evaluated as ``exp(x - 1)·e``. Both branches stay finite, so
+    gradients through the unused one are 0 rather than NaN.
+    """
+    x = mx.where(x > EXP_MAX, EXP_MAX, x)
+    above = x > 80.0
+    small = mx.where(above, 80.0, x)
+    large = mx.where(above, x, 80.0)
+    return mx.where(above, mx.exp(large - 1.0) * math.e, mx.exp(small))
+
+
 def log1mexp(x: mx.array) -> mx.array:
     """``log(1 - exp(x))`` for ``x < 0``, branching at ``-ln 2`` to avoid cancellation.
 
-    Same split as TRL's ORPO helper (Mächler's note on computing ``log1mexp``).
+    Same split as TRL 1.16's ORPO helper (Mächler's note on computing ``log1mexp``). The
+    argument of the ``expm1`` branch is capped at ``-FLOAT32_TINY`` so that it stays finite
+    for ``x = 0`` (where the result would be ``-inf``); every ``x <= -FLOAT32_TINY`` is exact.
     """
     small = mx.minimum(x, LOG_HALF)  # keeps the unused branch finite for gradients
-    large = mx.minimum(mx.maximum(x, LOG_HALF), -1e-30)
+    large = mx.minimum(mx.maximum(x, LOG_HALF), -FLOAT32_TINY)
     return mx.where(x < LOG_HALF, mx.log1p(-mx.exp(small)), mx.log(-mx.expm1(large)))
 
 

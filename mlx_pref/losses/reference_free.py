@@ -1,9 +1,10 @@
 """Reference-free paired losses: CPO, SimPO and ORPO.
 
-* ``cpo`` and ``simpo`` follow TRL v1.9.0 ``trl/experimental/cpo/cpo_trainer.py``
+* ``cpo`` and ``simpo`` follow TRL 1.16 ``trl/experimental/cpo/cpo_trainer.py``
   (``CPOTrainer.cpo_loss`` with ``loss_type="sigmoid"`` / ``"simpo"``, plus the
-  ``cpo_alpha``·NLL behaviour-cloning term and the AlphaPO reward shape ``alpha``).
-* ``orpo`` follows TRL v1.9.0 ``trl/experimental/orpo/orpo_trainer.py``
+  ``cpo_alpha``·NLL behaviour-cloning term of ``get_batch_loss_metrics`` and the AlphaPO
+  reward shape ``alpha``; defaults from ``CPOConfig``).
+* ``orpo`` follows TRL 1.16 ``trl/experimental/orpo/orpo_trainer.py``
   (``ORPOTrainer.odds_ratio_loss``; the total is ``NLL - mean(β·log σ(log-odds))``).
 
 Inputs are summed log-probs; SimPO and ORPO divide by the completion lengths themselves,
@@ -15,9 +16,10 @@ from __future__ import annotations
 import mlx.core as mx
 
 from mlx_pref.losses.base import (
-    EXP_CLAMP,
+    FLOAT32_TINY,
     LossInputs,
     LossOutput,
+    bounded_exp,
     chosen_nll,
     log1mexp,
     log_sigmoid,
@@ -27,21 +29,24 @@ from mlx_pref.losses.base import (
 from mlx_pref.losses.dpo import check_paired
 from mlx_pref.losses.state import LossState
 
-ORPO_MAX_AVG_LOGP = -1e-6
-"""ORPO clamps length-averaged log-probs to at most this value before ``log(1 - p)``.
+ORPO_MAX_AVG_LOGP = -FLOAT32_TINY
+"""ORPO caps length-averaged log-probs at this value (about -1.18e-38) before ``log(1 - p)``.
 
 A completion whose every token has probability 1 in float32 has an average log-prob of
-exactly 0, where TRL's ``log1mexp`` returns ``-inf`` and the loss becomes NaN."""
+exactly 0, where TRL's ``log1mexp`` returns ``-inf`` and the loss becomes ``inf`` or NaN.
+Every average log-prob TRL handles finitely (any value below -1.18e-38) is left unchanged."""
 
 
 def alphapo_reward(logps: mx.array, alpha: float) -> mx.array:
     """AlphaPO reward shape ``(1 - p^(-α)) / α`` with ``p = exp(logps)``; ``logps`` when ``α = 0``.
 
-    The exponent ``-α·logp`` is clamped at 80 so the reward stays finite in float32.
+    ``p^(-α)`` is evaluated as ``exp(-α·logp)`` through :func:`bounded_exp`: TRL's
+    ``exp(logp).pow(-α)`` overflows (or meets ``p = 0``) for very negative log-probs, where
+    this stays finite; wherever TRL's value is finite the two agree.
     """
     if alpha == 0.0:
         return logps
-    return (1.0 - mx.exp(mx.minimum(-alpha * logps, EXP_CLAMP))) / alpha
+    return (1.0 - bounded_exp(-alpha * logps)) / alpha
 
 
 def _no_reference_needed(inputs: LossInputs, name: str) -> None:
@@ -67,11 +72,12 @@ def _cpo_like(
     if gamma is not None:
         logits = logits - gamma / beta
     losses = smoothed_sigmoid_loss(beta * logits, label_smoothing)
-    metrics: dict[str, mx.array] = {}
     if cpo_alpha != 0.0:
         nll = chosen_nll(inputs, name)
         losses = losses + cpo_alpha * nll
-        metrics["nll_loss"] = nll
+    else:
+        nll = mx.array(0.0)  # TRL skips the NLL and logs nll_loss = 0
+    metrics: dict[str, mx.array] = {"nll_loss": mx.stop_gradient(nll)}
     return LossOutput(
         loss=losses.mean(),
         losses=losses,
@@ -92,7 +98,10 @@ def cpo(
 ) -> LossOutput:
     """CPO: ``-(1-ε)·log σ(β(r_c - r_r)) - ε·log σ(-β(r_c - r_r)) + cpo_alpha·NLL(chosen)``.
 
-    ``r = logπ`` (summed) or the AlphaPO shape when ``alpha ≠ 0``; rewards ``β·r``.
+    ``r = logπ`` (summed) or the AlphaPO shape when ``alpha ≠ 0``; rewards ``β·r``. Defaults
+    are TRL 1.16 ``CPOConfig``'s (``cpo_alpha=1.0``, ``alpha=0.0``). TRL adds the NLL to the
+    mean loss; adding it to every pair gives the same mean. Metric ``nll_loss`` (0 when
+    ``cpo_alpha=0``, as TRL logs it).
     """
     _no_reference_needed(inputs, "cpo")
     return _cpo_like(
@@ -120,8 +129,11 @@ def simpo(
 ) -> LossOutput:
     """SimPO: cDPO-style loss of ``β·(r̄_c - r̄_r) - γ`` on length-averaged log-probs.
 
-    ``cpo_alpha`` defaults to 0 (pure SimPO, as TRL's docs prescribe); a positive value
-    gives CPO-SimPO. Rewards are ``β·`` the averaged log-probs.
+    ``simpo_gamma`` (γ) defaults to 0.5 as in TRL 1.16 ``CPOConfig``. ``cpo_alpha`` defaults
+    to 0, pure SimPO, the setting TRL 1.16's ``loss_type="alphapo"`` shortcut selects
+    (``loss_type="simpo"``, ``cpo_alpha=0.0``); ``CPOConfig``'s own default of 1.0 gives
+    CPO-SimPO, which a positive ``cpo_alpha`` selects here. Rewards are ``β·`` the averaged
+    log-probs (AlphaPO-shaped when ``alpha ≠ 0``).
     """
     _no_reference_needed(inputs, "simpo")
     avg_c = inputs.chosen_logps / safe_lengths(inputs.chosen_lengths, "simpo", "chosen")
@@ -148,9 +160,10 @@ def orpo(
 ) -> LossOutput:
     """ORPO: ``NLL(chosen) - β·log σ(log odds(y_c) - log odds(y_r))`` on averaged log-probs.
 
-    ``log odds(y) = p̄ - log(1 - exp(p̄))`` with ``p̄`` the length-averaged log-prob (clamped
-    at ``-1e-6``, see ``ORPO_MAX_AVG_LOGP``). Metrics: ``nll_loss``, ``log_odds_ratio``
-    (mean ``log σ(·)``) and ``log_odds_chosen`` (mean log-odds difference), as TRL logs them.
+    ``log odds(y) = p̄ - log(1 - exp(p̄))`` with ``p̄`` the length-averaged log-prob (capped
+    just below 0, see ``ORPO_MAX_AVG_LOGP``). Metrics: ``nll_loss``, ``log_odds_ratio``
+    (mean ``log σ(·)``) and ``log_odds_chosen`` (mean log-odds difference), as TRL 1.16
+    logs them.
     """
     _no_reference_needed(inputs, "orpo")
     avg_c = inputs.chosen_logps / safe_lengths(inputs.chosen_lengths, "orpo", "chosen")

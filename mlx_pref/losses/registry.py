@@ -24,8 +24,12 @@ MIN_COMBINED = 2
 MAX_COMBINED = 5
 WEIGHT_SUM_TOL = 1e-6
 
-_TRL_DPO = "TRL v1.9.0 trl/trainer/dpo_trainer.py"
-_TRL_DPO_028 = "TRL v0.28.0 trl/trainer/dpo_trainer.py"
+_TRL_DPO = "TRL 1.16 trl/trainer/dpo_trainer.py"
+_TRL_DPO_028 = "TRL 0.28 trl/trainer/dpo_trainer.py"
+_TRL_KTO = "TRL 1.16 trl/trainer/kto_trainer.py"
+_TRL_CPO = "TRL 1.16 trl/experimental/cpo/cpo_trainer.py"
+_TRL_ORPO = "TRL 1.16 trl/experimental/orpo/orpo_trainer.py"
+_TRL_BCO = "TRL 1.13 trl/experimental/bco/bco_trainer.py"
 
 
 def _dpo_spec(
@@ -36,7 +40,7 @@ def _dpo_spec(
     arxiv: str | None,
     *,
     extra: dict[str, Any] | None = None,
-    trl: str = _TRL_DPO,
+    kept: tuple[str, ...] = (),
     needs_reference: bool = True,
     smoothing: bool = False,
     stateful: bool = False,
@@ -52,7 +56,9 @@ def _dpo_spec(
         formula=formula,
         paper=paper,
         arxiv=arxiv,
-        trl=trl,
+        # reference_free and rpo_alpha (every DPO-family loss) and ``kept`` were dropped by
+        # TRL 1.x; they follow the last release that had them.
+        trl=f"{_TRL_DPO}; {', '.join([*kept, 'reference_free', 'rpo_alpha'])}: {_TRL_DPO_028}",
         family="dpo",
         aliases=aliases,
         uses_label_smoothing=smoothing,
@@ -68,7 +74,7 @@ _SPECS: tuple[LossSpec, ...] = (
         "-(1-ε)·log σ(βΔ) - ε·log σ(-βΔ)",
         "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
         "2305.18290",
-        trl=f"{_TRL_DPO} (label_smoothing/cDPO: {_TRL_DPO_028})",
+        kept=("label_smoothing (cDPO)",),
         smoothing=True,
         aliases=("dpo",),
         description="Standard DPO; label_smoothing > 0 gives cDPO.",
@@ -101,7 +107,7 @@ _SPECS: tuple[LossSpec, ...] = (
     _dpo_spec(
         "nca_pair",
         dpo.nca_pair,
-        "-log σ(βs_c) - ½·log σ(-βs_c) - ½·log σ(-βs_r)",
+        "-log σ(βl_c) - ½·log σ(-βl_c) - ½·log σ(-βl_r)",
         "Noise Contrastive Alignment of Language Models with Explicit Rewards",
         "2402.05369",
         description="Pairwise NCA: optimises absolute rather than relative likelihood.",
@@ -118,17 +124,18 @@ _SPECS: tuple[LossSpec, ...] = (
     _dpo_spec(
         "bco_pair",
         dpo.bco_pair,
-        "-log σ(βs_c - δ) - log σ(-(βs_r - δ)), δ = running mean reward",
+        "-log σ(βl_c - δ) - log σ(-(βl_r - δ)), δ = running mean reward",
         "Binary Classifier Optimization for Large Language Model Alignment",
         "2404.04656",
-        trl=f"{_TRL_DPO} (running shift δ: {_TRL_DPO_028})",
+        kept=("running shift δ",),
         stateful=True,
-        description="Paired BCO with the running-mean reward shift δ (needs state).",
+        description="Paired BCO with the running-mean reward shift δ (needs state); "
+        "TRL 1.16's bco_pair has no shift.",
     ),
     _dpo_spec(
         "sppo_hard",
         dpo.sppo_hard,
-        "(s_c - 1/(2β))² + (s_r + 1/(2β))²",
+        "(l_c - 1/(2β))² + (l_r + 1/(2β))²",
         "Self-Play Preference Optimization for Language Model Alignment",
         "2405.00675",
         description="SPPO with hard win/lose probabilities.",
@@ -207,7 +214,7 @@ _SPECS: tuple[LossSpec, ...] = (
         paper="Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance "
         "in Machine Translation",
         arxiv="2401.08417",
-        trl="TRL v1.9.0 trl/experimental/cpo/cpo_trainer.py",
+        trl=_TRL_CPO,
         family="reference_free",
         uses_label_smoothing=True,
         description="Reference-free DPO-style loss plus a behaviour-cloning NLL term.",
@@ -221,7 +228,7 @@ _SPECS: tuple[LossSpec, ...] = (
         formula="-(1-ε)·log σ(β(p̄_c - p̄_r) - γ) - ε·log σ(-(…)), p̄ = logπ/|y|",
         paper="SimPO: Simple Preference Optimization with a Reference-Free Reward",
         arxiv="2405.14734",
-        trl="TRL v1.9.0 trl/experimental/cpo/cpo_trainer.py (loss_type='simpo')",
+        trl=f"{_TRL_CPO} (loss_type='simpo')",
         family="reference_free",
         uses_label_smoothing=True,
         description="Length-averaged reference-free reward with target margin γ = simpo_gamma.",
@@ -235,7 +242,7 @@ _SPECS: tuple[LossSpec, ...] = (
         formula="NLL - β·log σ(log odds(y_c) - log odds(y_r)), odds(y) = p̄/(1-p̄) on avg. logπ",
         paper="ORPO: Monolithic Preference Optimization without Reference Model",
         arxiv="2403.07691",
-        trl="TRL v1.9.0 trl/experimental/orpo/orpo_trainer.py",
+        trl=_TRL_ORPO,
         family="reference_free",
         description="SFT plus an odds-ratio preference term weighted by β (the paper's λ).",
     ),
@@ -248,7 +255,7 @@ _SPECS: tuple[LossSpec, ...] = (
         formula="-log σ(r_d - δ) | -w·log σ(-(r_u - δ)), r = β(logπ - logπ_ref)",
         paper="Binary Classifier Optimization for Large Language Model Alignment",
         arxiv="2404.04656",
-        trl="TRL v1.9.0 trl/experimental/bco/bco_trainer.py",
+        trl=_TRL_BCO,
         family="unpaired",
         stateful=True,
         description="Binary classifier on implicit rewards with running shift δ; "
@@ -263,7 +270,7 @@ _SPECS: tuple[LossSpec, ...] = (
         formula="λ_D·(1 - σ(β(l_d - z))) | λ_U·(1 - σ(β(z - l_u))), z = max(0, KL estimate)",
         paper="KTO: Model Alignment as Prospect Theoretic Optimization",
         arxiv="2402.01306",
-        trl="TRL v1.9.0 trl/trainer/kto_trainer.py",
+        trl=_TRL_KTO,
         family="unpaired",
         description="Prospect-theoretic loss; z from mismatched-pair log-probs (0 if not given).",
     ),
@@ -277,7 +284,7 @@ _SPECS: tuple[LossSpec, ...] = (
         paper="Anchored Preference Optimization and Contrastive Revisions: Addressing "
         "Underspecification in Alignment",
         arxiv="2408.06266",
-        trl="TRL v1.9.0 trl/trainer/kto_trainer.py (loss_type='apo_zero_unpaired')",
+        trl=f"{_TRL_KTO} (loss_type='apo_zero_unpaired')",
         family="unpaired",
         description="APO-zero on unpaired rows (KTOTrainer's variant, no KL term).",
     ),

@@ -1,6 +1,6 @@
 """Running statistics kept across steps: BCO's reward shift δ.
 
-``bco`` (TRL's BCOTrainer) and ``bco_pair`` (TRL's DPOTrainer up to v0.28) subtract δ, a
+``bco`` (TRL 1.13's BCOTrainer) and ``bco_pair`` (TRL 0.28's DPOTrainer) subtract δ, a
 running mean of the implicit rewards, from every reward before the logistic loss. δ lives in
 an explicit :class:`LossState` so that the loss functions stay pure, the trainer decides when
 it moves (training steps only), and a checkpoint can save and restore it exactly.
@@ -22,10 +22,11 @@ from mlx_pref.losses.base import all_sum, distributed_group
 class RunningMoments:
     """Running mean and variance of a stream, merged batch by batch (Chan et al.).
 
-    Same update as TRL's ``RunningMoments`` (``trl/experimental/bco/bco_trainer.py``, v1.9;
+    Same update as TRL 1.13's ``RunningMoments`` (``trl/experimental/bco/bco_trainer.py``;
     from MOSS-RLHF): it starts at ``mean=0, var=1, count=1e-24``; each batch's population
     mean/variance is merged with the running ones. Under data parallelism the batch sums and
-    counts are all-summed first so every rank keeps the same statistics. mlx-pref keeps the
+    counts are all-summed first, then the squared deviations from the global mean, so every
+    rank keeps the same statistics (TRL's ``get_global_statistics``). mlx-pref keeps the
     values as Python floats (float64) rather than TRL's float32 tensors.
     """
 
@@ -35,9 +36,15 @@ class RunningMoments:
 
     @property
     def std(self) -> float:
-        """Sample standard deviation of everything seen (NaN before two values were seen)."""
-        if self.count <= 1.0:
-            return math.nan
+        """Sample standard deviation of everything seen, as TRL 1.13 tracks it.
+
+        1 before any update (TRL's initial value), ``inf`` after exactly one value (TRL
+        divides by ``count - 1 = 0``), ``sqrt(var·count/(count - 1))`` afterwards.
+        """
+        if self.count < 1.0:
+            return 1.0
+        if self.count == 1.0:
+            return math.inf
         return math.sqrt(self.var * self.count / (self.count - 1.0))
 
     def update(self, values: mx.array, group: Any = None) -> tuple[float, int]:

@@ -9,7 +9,8 @@ Per-token arrays are ``(B, T)``, aligned with the completion mask the same way (
 differ between the chosen and the rejected arrays): ``token_logps[b, t]`` is
 ``log π(x_{t+1} | x_{≤t})`` of the token that follows position ``t`` (the shifted labels),
 and ``mask[b, t]`` is 1 where that token is a completion token, 0 on prompt and padding.
-Both follow TRL v1.9.0 ``trl/trainer/dpo_trainer.py`` (``_compute_loss``).
+Both follow TRL 1.16 ``trl/trainer/dpo_trainer.py`` (``_compute_loss`` with ``use_weighting``
+and ``ld_alpha``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def wpo_sequence_weights(
     """WPO per-sequence weight ``exp(mean_t[log p_t - log Σ_v p_v²])`` over completion tokens.
 
     ``token_log_sum_p2`` is ``log_sum_squared_probs`` of the same positions' logits. This is
-    Eq. (2) of the WPO paper as TRL v1.9 computes it (no clamp; TRL ≤ 0.28 clamped the pair
+    Eq. (2) of the WPO paper as TRL 1.16 computes it (no clamp; TRL 0.28 clamped the pair
     weight at 1). The result is detached.
     """
     lp = _as_2d(token_logps, "token_logps")

@@ -2,7 +2,7 @@
 
 When desirable and undesirable prompts come from different distributions, BCO reweights each
 undesirable row by an estimate of ``p_desirable(x) / p_undesirable(x)`` for its prompt ``x``.
-TRL v1.9.0 (``trl/experimental/bco/bco_trainer.py``) fits scikit-learn's
+TRL 1.13 (``trl/experimental/bco/bco_trainer.py``) fits scikit-learn's
 ``LogisticRegression(class_weight="balanced")`` on prompt embeddings of ``prompt_sample_size``
 desirable and as many undesirable prompts, then weights undesirable rows by
 ``clip(P / (1 - P + 1e-8), min_density_ratio, max_density_ratio)``, ``P`` the classifier's
@@ -31,7 +31,7 @@ UDM_DEFAULTS: dict[str, Any] = {
     "min_density_ratio": 0.5,
     "max_density_ratio": 10.0,
 }
-"""TRL's ``BCOConfig`` defaults for UDM."""
+"""TRL 1.13 ``BCOConfig`` defaults for UDM."""
 
 
 def _as_matrix(x: ArrayLike, name: str) -> np.ndarray:

@@ -4,11 +4,11 @@ Chosen rows are the desirable completions and rejected rows the undesirable ones
 sides may differ in size and either may be empty. A paired batch is used as is (chosen →
 desirable, rejected → undesirable), which is how paired data feeds these losses.
 
-* ``bco`` follows TRL v1.9.0 ``trl/experimental/bco/bco_trainer.py`` (``BCOTrainer.bco_loss``,
-  ``RunningMoments``, ``_get_udm_weight``). TRL 1.13, the last release with BCOTrainer, was not
-  available to us; v1.9 is the newest TRL we could read.
-* ``kto`` and ``apo_zero_unpaired`` follow TRL v1.9.0 ``trl/trainer/kto_trainer.py``
-  (``KTOTrainer._compute_loss``).
+* ``bco`` follows TRL 1.13 ``trl/experimental/bco/bco_trainer.py`` (``BCOTrainer.bco_loss``,
+  ``RunningMoments``, ``_get_udm_weight``; defaults from ``bco_config.py``). TRL 1.13 is the
+  last release with BCOTrainer; it was removed in 1.14.
+* ``kto`` and ``apo_zero_unpaired`` follow TRL 1.16 ``trl/trainer/kto_trainer.py``
+  (``KTOTrainer._compute_loss``; defaults from ``kto_config.py``).
 """
 
 from __future__ import annotations
@@ -55,11 +55,12 @@ def bco(
 ) -> LossOutput:
     """BCO: ``-log σ(r_d - δ)`` for desirable rows, ``-w·log σ(-(r_u - δ))`` for undesirable ones.
 
-    ``r = β·(logπ - logπ_ref)``; δ is the running mean of every reward seen in training:
-    with ``train=True`` the batch's rewards ``cat(r_d, r_u)`` (detached, all-summed across
-    ranks) update ``state`` before the loss is computed; with ``train=False`` δ is only read.
-    ``w`` are the UDM density-ratio weights (``udm_weights``, one per undesirable row; 1 when
-    not given). The loss is the mean over all rows.
+    As TRL 1.13 ``BCOTrainer.bco_loss``: ``r = β·(logπ - logπ_ref)``; δ is the running mean
+    of every reward seen in training: with ``train=True`` the batch's rewards ``cat(r_d, r_u)``
+    (detached, reduced across ranks) update ``state`` before the loss is computed; with
+    ``train=False`` (TRL's ``do_train=False`` in evaluation) δ is only read. ``w`` are the UDM
+    density-ratio weights (``udm_weights``, one per undesirable row; 1 when not given). The
+    loss is the mean over all rows. Metric ``delta`` (TRL's name).
     """
     lc, lr = _logratios(inputs, "bco")
     if state is None:
@@ -72,7 +73,7 @@ def bco(
     delta = state.delta("bco")
     chosen_losses = -log_sigmoid(rc - delta)
     rejected_losses = -log_sigmoid(-(rr - delta))
-    metrics = {"bco/delta": mx.array(delta, dtype=mx.float32)}
+    metrics = {"delta": mx.array(delta, dtype=mx.float32)}
     if inputs.udm_weights is not None:
         weights = mx.stop_gradient(inputs.udm_weights)
         if weights.shape != rejected_losses.shape:
@@ -97,9 +98,9 @@ def kto_kl(inputs: LossInputs) -> mx.array:
     """KTO's reference point: ``max(0, mean(logπ(y'|x) - logπ_ref(y'|x)))``, detached.
 
     ``y'`` are mismatched completions (each prompt paired with another row's completion),
-    given as ``policy_kl_logps`` / ``ref_kl_logps``. Under data parallelism the per-rank means
-    are averaged across ranks before clamping, as TRL's ``gather_for_metrics(kl).mean()``.
-    Without KL log-probs the KL term is 0.
+    given as ``policy_kl_logps`` / ``ref_kl_logps`` (summed log-probs). Under data parallelism
+    the per-rank means are averaged across ranks before clamping, as TRL 1.16's
+    ``gather_for_metrics(kl).mean().clamp(min=0)``. Without KL log-probs the KL term is 0.
     """
     if inputs.policy_kl_logps is None and inputs.ref_kl_logps is None:
         return mx.array(0.0)
@@ -150,7 +151,8 @@ def kto(
     """KTO: ``λ_D·(1 - σ(β(l_d - z)))`` and ``λ_U·(1 - σ(β(z - l_u)))``, mean over all rows.
 
     ``l = logπ - logπ_ref``; ``z`` is the detached KL estimate from ``kto_kl`` (0 when no KL
-    log-probs are passed). Rewards ``β·l``; metric ``kl``.
+    log-probs are passed). Rewards ``β·l``; metric ``kl``. ``desirable_weight`` and
+    ``undesirable_weight`` default to 1.0 as in TRL 1.16 ``KTOConfig``.
     """
     lc, lr = _logratios(inputs, "kto")
     kl = kto_kl(inputs)
@@ -177,7 +179,9 @@ def apo_zero_unpaired(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
 ) -> LossOutput:
-    """Unpaired APO-zero: ``λ_D·(1 - σ(βl_d))`` and ``λ_U·σ(βl_u)`` (KTOTrainer, no KL term)."""
+    """Unpaired APO-zero: ``λ_D·(1 - σ(βl_d))`` and ``λ_U·σ(βl_u)`` (KTOTrainer, no KL term).
+
+    TRL 1.16 computes no KL estimate for this loss and logs ``kl = 0``; so does this."""
     lc, lr = _logratios(inputs, "apo_zero_unpaired")
     chosen_losses = 1.0 - mx.sigmoid(beta * lc)
     rejected_losses = mx.sigmoid(beta * lr)
@@ -189,5 +193,5 @@ def apo_zero_unpaired(
         beta * lr,
         desirable_weight,
         undesirable_weight,
-        {},
+        {"kl": mx.array(0.0)},
     )

@@ -1,0 +1,309 @@
+"""The training loop: learning, adapters on disk, checkpoints, exact resume, signals, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+from mlx_lm.utils import load
+
+import mlx_pref.trainer as trainer_module
+from mlx_pref.adapters import ADAPTER_FILE, adapter_parameters
+from mlx_pref.checkpoint import latest_valid, list_checkpoints
+from mlx_pref.config import config_from_dict
+from mlx_pref.data import collate
+from mlx_pref.errors import ConfigError
+from mlx_pref.progress import read_metrics
+from mlx_pref.trainer import Interrupted, NonFiniteError, Trainer
+
+# Per-step figures that depend on the machine, not on the computation.
+TIMING_KEYS = {"tokens_per_sec", "completion_tokens_per_sec", "step_time", "peak_memory_gb"}
+
+
+def adapters(run_dir: Path) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in mx.load(str(Path(run_dir) / ADAPTER_FILE)).items()}
+
+
+def assert_same_adapters(a: Path, b: Path, atol: float = 1e-6) -> None:
+    wa, wb = adapters(a), adapters(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        np.testing.assert_allclose(wa[key], wb[key], atol=atol, rtol=0, err_msg=key)
+
+
+def comparable(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_training_lowers_the_loss_on_its_data(make_config):
+    trainer = Trainer(make_config(max_steps=8, eval_every=100), verbose=False)
+    before = trainer.evaluate(trainer.train_set)["eval/loss"]
+    trainer.train()
+    after = trainer.evaluate(trainer.train_set)["eval/loss"]
+    assert before == pytest.approx(
+        np.log(2), abs=1e-5
+    )  # adapters start at zero: policy == reference
+    assert after < before - 0.01
+
+
+def test_saved_adapter_reloads_in_mlx_lm_with_identical_logits(make_config, tiny_model):
+    cfg = make_config(max_steps=3)
+    trainer = Trainer(cfg, verbose=False)
+    trainer.train()
+    batch = collate(trainer.eval_set.examples[:3])
+    tokens = mx.array(batch.tokens)
+    ours = trainer.model(tokens)
+    model, _ = load(str(tiny_model), adapter_path=cfg.output)
+    theirs = model(tokens)
+    assert float(mx.abs(ours - theirs).max()) == 0.0
+    config = json.loads((Path(cfg.output) / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora" and config["lora_parameters"]["rank"] == 4
+
+
+def test_metrics_use_trl_names(make_config):
+    cfg = make_config(max_steps=2, eval_every=2)
+    Trainer(cfg, verbose=False).train()
+    records = read_metrics(cfg.output)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval/loss" in r]
+    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [2]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "beta", "learning_rate", "tokens_per_sec",
+                "peak_memory_gb"):  # fmt: skip
+        assert key in train[0], key
+        if key in ("beta", "learning_rate", "tokens_per_sec", "peak_memory_gb"):
+            continue
+        assert f"eval/{key}" in evals[0]
+    assert evals[0]["eval/rewards/margins"] == pytest.approx(
+        evals[0]["eval/rewards/chosen"] - evals[0]["eval/rewards/rejected"], abs=1e-6
+    )
+
+
+def test_beta_schedule_is_logged_against_the_real_step_count(make_config):
+    cfg = make_config(max_steps=5, beta=0.4, beta_schedule="linear", beta_end=0.1, eval_every=10)
+    Trainer(cfg, verbose=False).train()
+    betas = [r["beta"] for r in read_metrics(cfg.output) if "beta" in r]
+    np.testing.assert_allclose(betas, [0.4, 0.325, 0.25, 0.175, 0.1])
+
+
+def test_grad_accumulation_equals_one_big_batch(make_config, tmp_path):
+    big = make_config(batch_size=4, grad_accum=1, output=str(tmp_path / "a"))
+    small = make_config(batch_size=2, grad_accum=2, output=str(tmp_path / "b"))
+    ta, tb = Trainer(big, verbose=False), Trainer(small, verbose=False)
+    idx = ta._epoch_batches(0)[0]
+    examples = ta.train_set.examples
+    one = ta.train_step(collate([examples[i] for i in idx], idx))
+    two = tb.train_step([collate([examples[i] for i in half], half) for half in (idx[:2], idx[2:])])
+    # The accumulated gradient is the big batch's: same loss, same gradient norm, same update.
+    assert two.loss == pytest.approx(one.loss, rel=1e-6)
+    assert two.metrics["grad_norm"] == pytest.approx(one.metrics["grad_norm"], rel=1e-5)
+    assert two.metrics["rewards/margins"] == pytest.approx(one.metrics["rewards/margins"], abs=1e-7)
+    # Adam's first step is ~lr * sign(g); gradients near zero make single entries differ
+    # by float rounding, so compare updates to 1% of the learning rate.
+    for key, value in adapter_parameters(ta.model).items():
+        np.testing.assert_allclose(
+            np.asarray(value), np.asarray(adapter_parameters(tb.model)[key]), atol=1e-4
+        )
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(make_config, tmp_path, monkeypatch):
+    straight = make_config(max_steps=6, output=str(tmp_path / "straight"))
+    Trainer(straight, verbose=False).train()
+
+    cfg = make_config(max_steps=6, output=str(tmp_path / "cut"))
+    first = Trainer(cfg, verbose=False)
+    step = first.train_step
+
+    def stop_after_three(batches):
+        result = step(batches)
+        if first.step == 3:
+            first._interrupted = True  # what Ctrl-C sets
+        return result
+
+    monkeypatch.setattr(first, "train_step", stop_after_three)
+    with pytest.raises(Interrupted, match="Resume with: mlx-pref train --resume"):
+        first.train()
+    assert latest_valid(Path(cfg.output)).name == "step-00000003"
+    resumed = Trainer.resume(cfg.output, verbose=False)
+    assert resumed.step == 3
+    resumed.train()
+    assert_same_adapters(Path(straight.output), Path(cfg.output))
+    assert comparable(read_metrics(straight.output)) == comparable(read_metrics(cfg.output))
+
+
+def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(make_config, tmp_path):
+    straight = make_config(max_steps=6, output=str(tmp_path / "straight"))
+    Trainer(straight, verbose=False).train()
+    cfg = make_config(max_steps=4, output=str(tmp_path / "damaged"))
+    Trainer(cfg, verbose=False).train()
+    newest = list_checkpoints(Path(cfg.output))[-1]
+    data = (newest / ADAPTER_FILE).read_bytes()
+    (newest / ADAPTER_FILE).write_bytes(data[: len(data) // 2])
+    warnings = []
+    assert latest_valid(Path(cfg.output), warn=warnings.append).name == "step-00000002"
+    assert "step-00000004" in warnings[0] and "adapters.safetensors has" in warnings[0]
+    resumed = Trainer.resume(cfg.output, {"max_steps": 6}, verbose=False)
+    assert resumed.step == 2
+    resumed.train()
+    assert_same_adapters(Path(straight.output), Path(cfg.output))
+
+
+def test_resume_refuses_changes_that_alter_the_result(make_config):
+    cfg = make_config(max_steps=2)
+    Trainer(cfg, verbose=False).train()
+    with pytest.raises(ConfigError, match="only .* can change, not beta"):
+        Trainer.resume(cfg.output, {"beta": 0.5}, verbose=False)
+
+
+def test_a_new_run_does_not_overwrite_an_old_one(make_config):
+    cfg = make_config(max_steps=2)
+    Trainer(cfg, verbose=False).train()
+    with pytest.raises(ConfigError, match="already holds a run; continue it with"):
+        Trainer(cfg, verbose=False).train()
+
+
+def test_non_finite_steps_are_skipped_and_counted(make_config, monkeypatch):
+    cfg = make_config(max_steps=4, max_nonfinite=3)
+    trainer = Trainer(cfg, verbose=False)
+    real = trainer_module.preference_loss
+    calls = {"n": 0}
+
+    def nan_on_second_step(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if kwargs.get("train") and trainer.step == 1:
+            out.loss = out.loss * mx.array(float("nan"))
+        return out
+
+    monkeypatch.setattr(trainer_module, "preference_loss", nan_on_second_step)
+    before = {}
+
+    def snapshot(batches, step=trainer.train_step):
+        before[trainer.step] = {
+            k: np.asarray(v) for k, v in adapter_parameters(trainer.model).items()
+        }
+        calls["n"] += 1
+        return step(batches)
+
+    monkeypatch.setattr(trainer, "train_step", snapshot)
+    trainer.train()
+    after_skip = before[2]
+    for key, value in before[1].items():
+        np.testing.assert_array_equal(value, after_skip[key])  # the NaN step changed nothing
+    records = [r for r in read_metrics(cfg.output) if "skipped_steps" in r]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 1]
+    assert trainer.skipped_steps == 1 and calls["n"] == 4
+
+
+def test_too_many_non_finite_steps_stop_with_a_checkpoint(make_config, monkeypatch):
+    cfg = make_config(max_steps=10, max_nonfinite=2)
+    trainer = Trainer(cfg, verbose=False)
+    real = trainer_module.preference_loss
+
+    def always_nan(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if kwargs.get("train"):
+            out.loss = out.loss * mx.array(float("inf"))
+        return out
+
+    monkeypatch.setattr(trainer_module, "preference_loss", always_nan)
+    with pytest.raises(NonFiniteError, match="2 steps in a row had a non-finite loss"):
+        trainer.train()
+    assert latest_valid(Path(cfg.output)).name == "step-00000002"
+
+
+def _write_config(cfg, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlx_pref.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    t0 = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.communicate()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.05)
+
+
+def test_sigkill_mid_run_then_resume_gives_the_same_adapters(make_config, tmp_path):
+    straight = make_config(max_steps=6, save_every=1, output=str(tmp_path / "straight"))
+    Trainer(straight, verbose=False).train()
+    cfg = make_config(max_steps=6, save_every=1, output=str(tmp_path / "killed"))
+    proc = _cli("train", str(_write_config(cfg, tmp_path / "c.yaml")), "--quiet")
+    _wait_for(Path(cfg.output) / "checkpoints" / "step-00000003", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resume = _cli("train", "--resume", cfg.output, "--quiet")
+    out, err = resume.communicate(timeout=300)
+    assert resume.returncode == 0, err
+    assert_same_adapters(Path(straight.output), Path(cfg.output))
+    assert comparable(read_metrics(straight.output)) == comparable(read_metrics(cfg.output))
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint(make_config, tmp_path):
+    cfg = make_config(max_steps=40, save_every=1000, eval_every=1000, output=str(tmp_path / "int"))
+    proc = _cli("train", str(_write_config(cfg, tmp_path / "c.yaml")))
+    _wait_for(Path(cfg.output) / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"Resume with: mlx-pref train --resume {cfg.output}" in err
+    assert "Traceback" not in err
+    path = latest_valid(Path(cfg.output))
+    assert path is not None and 0 < int(path.name.split("-")[1]) < 40
+    resumed = Trainer.resume(
+        cfg.output, {"max_steps": int(path.name.split("-")[1]) + 1}, verbose=False
+    )
+    resumed.train()
+    assert resumed.step == int(path.name.split("-")[1]) + 1
+
+
+@pytest.mark.parametrize("template", ["dpo", "ipo", "simpo", "orpo", "bco", "kto", "weighted"])
+def test_every_init_template_runs(template, tiny_model, prefs, tmp_path, monkeypatch):
+    from importlib.resources import files
+
+    monkeypatch.setenv("MLX_PREF_CACHE", str(tmp_path / "cache"))
+    raw = yaml.safe_load((files("mlx_pref") / "templates" / f"{template}.yaml").read_text())
+    raw.update(
+        model=str(tiny_model), data=str(prefs[0]), eval_data=str(prefs[1]), max_steps=2,
+        eval_every=2, batch_size=2, output=str(tmp_path / template),
+    )  # fmt: skip
+    final = Trainer(config_from_dict(raw), verbose=False).train()
+    assert np.isfinite(final["eval/loss"])
+
+
+def test_grad_checkpointing_and_compile_leave_the_step_unchanged(make_config, tmp_path):
+    results = {}
+    for name, extra in {
+        "plain": {},
+        "checkpointed": {"grad_checkpoint": True},
+        "compiled": {"compile": True},
+        "unshared": {"share_prompt": False},
+    }.items():
+        trainer = Trainer(make_config(output=str(tmp_path / name), **extra), verbose=False)
+        results[name] = trainer.train_step(trainer._step_batches(0)).metrics
+    for name in ("checkpointed", "compiled", "unshared"):
+        assert results[name]["loss"] == pytest.approx(results["plain"]["loss"], rel=1e-6)
+        assert results[name]["grad_norm"] == pytest.approx(results["plain"]["grad_norm"], rel=1e-4)
