@@ -624,9 +624,8 @@ def test_rows_with_no_room_are_dropped_or_errors_under_strict(tmp_path, tok):
     kept = load(path, tok, max_length=20)  # keep_end keeps the prompt's end instead
     assert len(kept) == 5 and kept.report.prompt_truncated == 1 and kept.report.truncated == 1
     assert kept.examples[4].length <= 20
-    assert (
-        kept.examples[4].prompt == ids(tok, long_prompt)[-(20 - len(kept.examples[4].rejected)) :]
-    )
+    room = 20 - max(len(kept.examples[4].chosen), len(kept.examples[4].rejected))
+    assert kept.examples[4].prompt == ids(tok, long_prompt)[-room:]
 
 
 def test_pairs_identical_after_truncation_are_dropped(tmp_path, tok):
