@@ -500,6 +500,11 @@ def bad_file(tmp_path: Path, bad_row, name: str = "d.jsonl") -> Path:
             "d.jsonl:3: expected a JSON object with prompt, chosen, rejected, got a list",
         ),
         (
+            "null",
+            "not an object",
+            "d.jsonl:3: expected a JSON object with prompt, chosen, rejected, got null",
+        ),
+        (
             {"prompt": "", "chosen": "b", "rejected": "c"},
             "empty prompt",
             "d.jsonl:3: field 'prompt' is empty and the tokenizer has no BOS token",

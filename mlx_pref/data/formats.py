@@ -117,7 +117,7 @@ def _did_you_mean(missing: str, row: dict) -> str:
 
 def undetectable_message(row: RawRow) -> str:
     """Why a file's format could not be told from its first row."""
-    if row.value is None:
+    if row.reason is not None:
         return f"{row.where}: {row.problem}"
     if not isinstance(row.value, dict):
         return f"{row.where}: expected a JSON object per row, got {_kind(row.value)}"
@@ -345,7 +345,7 @@ def read_records(f: DataFile, fmt: str, report: Report) -> Iterator[Record]:
     report.files.append(summary)
     for row in itertools.chain(head, rows):
         summary.rows += 1
-        if row.value is None:
+        if row.reason is not None:
             report.problem(row.reason, f"{row.where}: {row.problem}", f.name)
             continue
         try:

@@ -54,7 +54,7 @@ class DataFile:
 
 @dataclass(frozen=True)
 class RawRow:
-    """One parsed row, or the reason it could not be parsed (``value`` is then None)."""
+    """One parsed row, or (``reason`` set) why it could not be parsed."""
 
     file: str
     line: int
