@@ -162,7 +162,8 @@ def _directory_files(root: Path, shown: str, hub: bool = False) -> list[DataFile
 
 
 def select_split(relpaths: list[str], split: str | None) -> list[str]:
-    """Files of one split: a path part or file name that is, or starts with, the split name.
+    """Files of one split: those whose path has the split's name as a word (between ``/``,
+    ``_``, ``.``, ``-``): ``test.jsonl``, ``data/test-00000-of-00001.jsonl``, ``test/0.jsonl``.
 
     Without a split: the ``train`` files if the repo names splits, else every file.
     """
