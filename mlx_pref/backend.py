@@ -146,6 +146,12 @@ def backend_name() -> str:
     return "gpu"
 
 
+def sequence_multiple() -> int:
+    """Pad sequence lengths to a multiple of this. MLX's CUDA fused attention has a
+    backward pass only for lengths that are multiples of 128; elsewhere 1 (no padding)."""
+    return 128 if backend_name() == "cuda" else 1
+
+
 def device_info() -> dict:
     """``mx.device_info()`` where the backend offers it (its keys differ per backend)."""
     import mlx.core as mx
@@ -260,3 +266,25 @@ def cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlx-pref"
     )
     return Path(root)
+
+
+_group = None
+
+
+def distributed_group():
+    """``mx.distributed``'s global group: the processes ``mlx.launch`` started (ring between
+    Macs or local processes, MPI, NCCL on CUDA hosts), or a group of one otherwise."""
+    global _group
+    if _group is None:
+        import mlx.core as mx
+
+        _group = mx.distributed.init()
+    return _group
+
+
+def all_sum(x, group=None):
+    """Sum ``x`` over the processes of ``group`` (identity for a single process)."""
+    import mlx.core as mx
+
+    group = group or distributed_group()
+    return x if group.size() == 1 else mx.distributed.all_sum(x, group=group)

@@ -33,6 +33,11 @@ TRAIN_FLAGS = {
     "eval_every": "eval_every",
     "save_every": "save_every",
     "strict": "strict",
+    "ref_model": "ref_model",
+    "reference": "reference",
+    "adapter": "adapter",
+    "push_to_hub": "push_to_hub",
+    "private": "hub_private",
 }
 
 
@@ -63,6 +68,17 @@ def cli() -> None:
 @click.option("--eval-every", type=int, help="Evaluate every N steps.")
 @click.option("--save-every", type=int, help="Checkpoint every N steps.")
 @click.option("--strict/--no-strict", default=None, help="Make any skipped bad row an error.")
+@click.option("--ref-model", help="A separate frozen reference model (directory or Hub id).")
+@click.option(
+    "--reference",
+    type=click.Choice(["auto", "cache", "adapters-off", "model", "none"]),
+    help="Where reference log-probs come from (default: auto).",
+)
+@click.option("--adapter", help="Start from this (SFT) adapter; the reference is base + it.")
+@click.option("--push-to-hub", metavar="REPO_ID", help="Export and upload the adapter when done.")
+@click.option(
+    "--private/--public", default=None, help="With --push-to-hub: a private (or public) repo."
+)
 @click.option(
     "--resume",
     is_flag=False,
@@ -330,8 +346,12 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as exc:  # unknown flag, bad value: one line, with the help hint
+        where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        click.echo(f"error: {exc.format_message()}{where}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
     except MlxPrefError as exc:
         click.echo(f"error: {exc}", err=True)

@@ -21,6 +21,8 @@ import yaml
 from mlx_pref.errors import ConfigError
 from mlx_pref.losses import BETA_SCHEDULES, REGISTRY, parse_loss
 
+RUN_CONFIG = "config.yaml"
+"""The resolved config a run writes into its directory."""
 QUANTIZATION_BITS = {"4bit": 4, "8bit": 8}
 LR_SCHEDULES = ("constant", "linear", "cosine")
 TRUNCATION_MODES = ("keep_end", "keep_start")
@@ -137,11 +139,20 @@ class Config:
     output: str = "runs/mlx-pref"
     eval_every: int = 50
     eval_batches: int | None = None
+    generate_during_eval: bool = False
+    """At each evaluation, sample greedy completions for a few fixed eval prompts from the
+    policy and the reference, into samples.jsonl (TRL's generate_during_eval)."""
+    generate_prompts: int = 3
+    generate_max_tokens: int = 64
     log_every: int = 10
     save_every: int = 100
     keep_last: int | None = 3
     max_nonfinite: int = 5
     """Stop (with a checkpoint) after this many non-finite steps in a row."""
+    # sharing
+    push_to_hub: str | None = None
+    """At the end of training, export the adapter (mlx-lm format + model card) and upload it."""
+    hub_private: bool = False
 
     def validate(self) -> Config:
         """Range and choice checks; raises ConfigError with what to write instead."""
@@ -186,6 +197,8 @@ class Config:
             "max_nonfinite",
         ):
             _positive(key, getattr(self, key))
+        _positive("generate_prompts", self.generate_prompts)
+        _positive("generate_max_tokens", self.generate_max_tokens)
         for key in (
             "max_steps",
             "max_prompt_length",

@@ -37,13 +37,12 @@ from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 
 from mlx_pref.adapters import ADAPTER_CONFIG, ADAPTER_FILE, ADAPTER_LEAVES
 from mlx_pref.checkpoint import CHECKPOINTS, read_state
-from mlx_pref.config import Config, load_config
+from mlx_pref.config import RUN_CONFIG, Config, load_config
 from mlx_pref.errors import MlxPrefError
 from mlx_pref.models import embedded_root, load_model, resolve_model_path
 from mlx_pref.progress import read_metrics
 
 FORMATS = ("mlx", "peft", "fused")
-RUN_CONFIG = "config.yaml"  # the resolved Config the trainer writes (trainer.RESOLVED_CONFIG)
 CARD_FILE = "README.md"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"

@@ -8,6 +8,7 @@ chunks, so no (N, T, V) logits tensor or log_softmax copy is ever built.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.base import create_causal_mask
 
+from mlx_pref.backend import sequence_multiple
 from mlx_pref.data.batching import Batch
 from mlx_pref.losses import ld_sequence_logps, wpo_pair_weights
 
@@ -132,8 +134,14 @@ def sequence_logps(
     ``with_p2`` also returns ``log Σ_v p_v²`` per scored token (WPO's weights).
     """
     split = split_lm(model)
+    multiple = sequence_multiple()
     if share_prompt and split is not None and batch.paired and batch.prompt_lengths.min() > 0:
-        return _shared_prompt_logps(*split, batch, with_p2)
+        return _shared_prompt_logps(*split, batch, with_p2, multiple)
+    if (batch.tokens.shape[1] - 1) % multiple:  # padding after every row's end changes nothing
+        width = -(-(batch.tokens.shape[1] - 1) // multiple) * multiple + 1
+        padded = np.zeros((len(batch.tokens), width), dtype=batch.tokens.dtype)
+        padded[:, : batch.tokens.shape[1]] = batch.tokens
+        batch = dataclasses.replace(batch, tokens=padded)
     tokens = batch.tokens
     n, t = tokens.shape
     flat = np.flatnonzero(batch.completion_mask())
@@ -183,16 +191,20 @@ class PrefixCache:
         self.offset = mx.concatenate([self.offset] * times)
 
 
-def _shared_prompt_logps(body, head, batch: Batch, with_p2: bool) -> SequenceLogps:
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _shared_prompt_logps(body, head, batch: Batch, with_p2: bool, multiple: int) -> SequenceLogps:
     """Chosen and rejected completions scored against one pass over their shared prompt."""
     b, n = batch.num_examples, len(batch.lengths)
     plen = batch.prompt_lengths[:b]
-    width = int(plen.max())
+    width = _round_up(int(plen.max()), multiple)
     prompts = np.zeros((b, width), dtype=np.int32)
     for i, p in enumerate(plen):
         prompts[i, width - p :] = batch.tokens[i, :p]
     clen = batch.completion_lengths
-    longest = int(clen.max())
+    longest = _round_up(int(clen.max()) - 1, multiple) + 1
     completions = np.zeros((n, longest), dtype=np.int32)
     for i in range(n):
         start = batch.prompt_lengths[i]

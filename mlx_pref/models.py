@@ -6,7 +6,7 @@ the embedded tiny model, optional quantization of the base (QLoRA) and a dtype c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -44,6 +44,8 @@ class LoadedModel:
     tokenizer: object
     path: Path
     config: dict
+    notes: list[str] = field(default_factory=list)
+    """Things the user should know (a fallback taken), for the trainer to log."""
 
 
 def resolve_model_path(spec: str | None) -> Path:
@@ -203,7 +205,15 @@ def load_model(
             dequantize_model(model)
     if dtype is not None:
         cast_floats(model, getattr(mx, dtype))
+    notes = []
     if quantization_bits is not None:
-        quantize_base(model, quantization_bits)
+        try:
+            quantize_base(model, quantization_bits)
+            mx.eval(model.parameters())
+        except (RuntimeError, ValueError) as exc:  # a mode this backend lacks
+            notes.append(
+                f"warning: {quantization_bits}-bit quantization is not available here ({exc}); "
+                "training the unquantized base instead"
+            )
     mx.eval(model.parameters())
-    return LoadedModel(model, tokenizer, path, config)
+    return LoadedModel(model, tokenizer, path, config, notes)

@@ -21,8 +21,8 @@ def _fmt(value: float) -> str:
 class MetricsLog:
     """Append-only JSON lines, one object per logged step (train or ``eval/``)."""
 
-    def __init__(self, run_dir: Path, enabled: bool = True):
-        self.path = run_dir / METRICS_FILE
+    def __init__(self, run_dir: Path, enabled: bool = True, name: str = METRICS_FILE):
+        self.path = run_dir / name
         self.enabled = enabled
 
     def truncate_after(self, step: int) -> None:

@@ -34,6 +34,7 @@ import numpy as np
 from mlx.utils import tree_unflatten
 
 from mlx_pref.adapters import adapter_parameters, adapters_disabled
+from mlx_pref.backend import all_sum, distributed_group
 from mlx_pref.data.batching import Batch, iterate_batches
 from mlx_pref.logps import row_logps, sequence_logps
 from mlx_pref.progress import Progress
@@ -172,6 +173,11 @@ class Reference:
     def set_weights(self, weights: dict[str, mx.array] | None) -> None:
         raise ValueError(f"the '{self.name}' reference cannot be refreshed")
 
+    @contextmanager
+    def as_model(self) -> Iterator[nn.Module | None]:
+        """The reference as a model to generate with (None when there is none)."""
+        yield None
+
     def attach(self, datasets: dict) -> None:
         """The datasets whose rows ``logps(batch, split)`` will be asked about, by split."""
 
@@ -203,6 +209,11 @@ class LiveReference(Reference):
     def set_weights(self, weights: dict[str, mx.array] | None) -> None:
         self._weights = weights
 
+    @contextmanager
+    def as_model(self) -> Iterator[nn.Module]:
+        with reference_weights(self.model, self._weights):
+            yield self.model
+
     def logps(self, batch: Batch, split: str = "train") -> mx.array:
         with reference_weights(self.model, self._weights):
             out = mx.stop_gradient(row_logps(self.score(self.model, batch), batch, self.ld_alpha))
@@ -225,6 +236,10 @@ class SeparateModel(Reference):
         super().__init__(reason, ld_alpha, share_prompt)
         self.model = model
         self.model.eval()
+
+    @contextmanager
+    def as_model(self) -> Iterator[nn.Module]:
+        yield self.model
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array:
         out = mx.stop_gradient(row_logps(self.score(self.model, batch), batch, self.ld_alpha))
@@ -308,7 +323,9 @@ class CachedReference(Reference):
         paired = dataset.paired
         n = len(dataset)
         out = np.zeros((n, 2) if paired else (n,), dtype=np.float32)
+        group = distributed_group()
         batches = list(iterate_batches(dataset.examples, CACHE_BATCH_SIZE, seed=0, epoch=0))
+        batches = batches[group.rank() :: group.size()]  # each process scores its share
         bar = Progress(len(batches), enabled=self.show_progress)
         bar.message(f"computing reference log-probs for {split} ({n} examples)")
         for i, batch in enumerate(batches, 1):
@@ -321,9 +338,11 @@ class CachedReference(Reference):
             self.computed_rows += len(logps)
             bar.update(i, {})
         bar.close()
-        return out
+        return np.asarray(all_sum(mx.array(out), group))
 
     def _store(self, path: Path, values: np.ndarray, dataset) -> None:
+        if distributed_group().rank() != 0:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
         meta = {"format": CACHE_FORMAT, "dataset": dataset.name, "examples": str(len(dataset))}
@@ -333,6 +352,9 @@ class CachedReference(Reference):
 
     def live_logps(self, batch: Batch) -> mx.array:
         return self.scorer.logps(batch)
+
+    def as_model(self):
+        return self.scorer.as_model()
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array:
         values = self._values(split)

@@ -36,12 +36,13 @@ from mlx_pref.adapters import (
 )
 from mlx_pref.checkpoint import (
     STATE,
+    checkpoint_dir,
     latest_valid,
     list_checkpoints,
     read_state,
     write_checkpoint,
 )
-from mlx_pref.config import Config, load_config
+from mlx_pref.config import RUN_CONFIG, Config, load_config
 from mlx_pref.data import Batch, Dataset, UnpairedExample, collate, load_datasets
 from mlx_pref.data.batching import batch_order
 from mlx_pref.errors import ConfigError, MlxPrefError
@@ -70,9 +71,9 @@ from mlx_pref.reference import (
     reference_weights,
 )
 
-RESOLVED_CONFIG = "config.yaml"
 OPTIMIZER_FILE = "optimizer.safetensors"
 REF_ADAPTER_FILE = "reference_adapters.safetensors"
+SAMPLES_FILE = "samples.jsonl"
 LOG_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_sec")
 EVAL_KEYS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
 
@@ -155,7 +156,12 @@ class Trainer:
         verbose: bool = True,
     ):
         self.config = cfg = config
-        self.verbose = verbose
+        self.group = backend.distributed_group()
+        self.world, self.rank = self.group.size(), self.group.rank()
+        self.is_main = self.rank == 0
+        """Only the first process writes checkpoints, metrics, logs and exports."""
+        self.verbose = verbose and self.is_main
+        self.progress = Progress(0, enabled=self.verbose)
         self.run_dir = Path(cfg.output)
         mx.random.seed(cfg.seed)
         self.loaded = loaded or load_model(
@@ -165,6 +171,8 @@ class Trainer:
             dequantize=cfg.dequantize,
         )
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        for note in self.loaded.notes:
+            self._log(note)
         self.adapter_config, sft_weights = self._attach_adapters()
         if cfg.grad_checkpoint:
             enable_grad_checkpoint(self.model)
@@ -182,9 +190,9 @@ class Trainer:
         if cfg.use_weighting and not self.train_set.paired:
             raise ConfigError("use_weighting (WPO) weights pairs: it needs paired data")
         self.loss_state = LossState()
-        self.steps_per_epoch = math.ceil(
-            math.ceil(len(self.train_set) / cfg.batch_size) / cfg.grad_accum
-        )
+        self.steps_per_epoch = math.ceil(len(self._epoch_batches(0)) / cfg.grad_accum)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{self.train_set.name}: too few examples for {self.world} processes")
         self.kto_kl = "kto" in self.loss_weights
         self.reference = self._make_reference(sft_weights)
         self.reference.attach({"train": self.train_set, "eval": self.eval_set})
@@ -197,8 +205,9 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
-        self.metrics_log = MetricsLog(self.run_dir)
-        self.progress = Progress(self.total_steps, enabled=verbose)
+        self.metrics_log = MetricsLog(self.run_dir, enabled=self.is_main)
+        self.samples_log = MetricsLog(self.run_dir, enabled=self.is_main, name=SAMPLES_FILE)
+        self.progress.total = self.total_steps
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
         self._interrupted = False
 
@@ -368,9 +377,20 @@ class Trainer:
             f"(train mean weight {self.udm['train'].mean():.3f})"
         )
 
+    def _shard(self, dataset: Dataset, seed: int, epoch: int, drop_short: bool) -> list[np.ndarray]:
+        """This process's share of each batch: the epoch is ordered in global batches of
+        ``batch_size x world`` examples and each process takes its slice, so N processes
+        with batch B see exactly what one process with batch N x B sees."""
+        lengths = [e.length for e in dataset.examples]
+        order = batch_order(lengths, self.config.batch_size * self.world, seed=seed, epoch=epoch)
+        if self.world == 1:
+            return order
+        if drop_short and order and len(order[-1]) < self.world:
+            order = order[:-1]  # every process needs at least one example per step
+        return [np.array_split(idx, self.world)[self.rank] for idx in order]
+
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        lengths = [e.length for e in self.train_set.examples]
-        return batch_order(lengths, self.config.batch_size, seed=self.config.seed, epoch=epoch)
+        return self._shard(self.train_set, self.config.seed, epoch, drop_short=True)
 
     def _step_batches(self, step: int) -> list[Batch]:
         """The micro-batches of optimizer step ``step`` (0-based), a pure function of it."""
@@ -446,7 +466,9 @@ class Trainer:
         mx.random.seed(self.config.seed * 1_000_003 + self.step)  # dropout: exact on resume
         t0 = time.perf_counter()
         backend.reset_peak_memory()
-        total = sum(b.num_examples for b in batches)
+        # Weights n_b / n_total over every micro-batch of every process: the step's
+        # gradient and metrics are those of one big batch.
+        total = float(backend.all_sum(mx.array(sum(b.num_examples for b in batches), mx.float32)))
         grads, metrics = None, {}
         for batch in batches:
             ctx = self._context(batch, "train", self.train_set)
@@ -458,6 +480,9 @@ class Trainer:
             for k, v in m.items():
                 metrics[k] = metrics.get(k, 0.0) + w * v
             mx.eval(grads, metrics)
+        if self.world > 1:
+            grads = nn.average_gradients(tree_map(lambda x: x * self.world, grads))
+            metrics = self._sum_metrics(metrics)
         if self.config.max_grad_norm is not None:
             grads, norm = optim.clip_grad_norm(grads, self.config.max_grad_norm)
         else:
@@ -484,6 +509,12 @@ class Trainer:
         self.step += 1
         return StepResult(out["loss"], out)
 
+    def _sum_metrics(self, metrics: dict) -> dict:
+        """Sum a dict of scalars over processes (one collective, keys in a fixed order)."""
+        keys = sorted(metrics)
+        summed = backend.all_sum(mx.stack([mx.array(metrics[k], mx.float32) for k in keys]))
+        return dict(zip(keys, summed))
+
     # ------------------------------------------------------------ evaluation
     def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
         """Mean loss and TRL metrics over the held-out set, prefixed ``eval/``."""
@@ -493,22 +524,26 @@ class Trainer:
             return {}
         if split == "custom":
             self.reference.attach({"custom": dataset})
-        lengths = [e.length for e in dataset.examples]
-        order = batch_order(lengths, self.config.batch_size, seed=0, epoch=0)
+        if len(dataset) < self.world:
+            raise ConfigError(f"{dataset.name}: fewer eval examples than processes ({self.world})")
+        order = self._shard(dataset, seed=0, epoch=0, drop_short=False)
         if self.config.eval_batches:
             order = order[: self.config.eval_batches]
-        sums: dict[str, float] = {}
-        count = 0
+        sums: dict[str, mx.array] = {}
         for idx in order:
+            if len(idx) == 0:  # this process's slice of a short last batch
+                continue
             batch = collate([dataset.examples[i] for i in idx], idx)
             ctx = self._context(batch, split, dataset)
             loss, metrics = self._forward(batch, ctx, train=False)
-            mx.eval(loss, metrics)
             n = batch.num_examples
-            for k, v in {"loss": loss, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + n * float(v)
-            count += n
-        return {f"eval/{k}": v / count for k, v in sums.items()}
+            for k, v in {"loss": loss, "count": mx.array(1.0), **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + n * v
+            mx.eval(sums)
+        if self.world > 1:
+            sums = self._sum_metrics(sums)
+        count = float(sums.pop("count"))
+        return {f"eval/{k}": float(v) / count for k, v in sums.items()}
 
     # ------------------------------------------------------------- the loop
     def train(self) -> dict[str, float]:
@@ -522,8 +557,10 @@ class Trainer:
                     f"'mlx-pref train --resume {self.run_dir}', or pick another --output "
                     "(or pass --overwrite)"
                 )
-            cfg.save(self.run_dir / RESOLVED_CONFIG)
+            if self.is_main:
+                cfg.save(self.run_dir / RUN_CONFIG)
             self.metrics_log.truncate_after(0)
+            self.samples_log.truncate_after(0)
         self._log(
             f"training {self.total_steps} steps: {len(self.train_set)} "
             f"{'pairs' if self.train_set.paired else 'rows'}, loss {cfg.loss}, output {self.run_dir}"
@@ -566,8 +603,17 @@ class Trainer:
         finally:
             signal.signal(signal.SIGINT, previous)
             self.progress.close()
+        if not self.is_main:
+            return last
         save_adapters(self.model, self.run_dir, self.adapter_config)
         self._log(f"adapters saved to {self.run_dir}")
+        if cfg.push_to_hub:
+            from mlx_pref.export import export_and_push
+
+            folder = export_and_push(self.run_dir, cfg.push_to_hub, private=cfg.hub_private)
+            self._log(
+                f"exported to {folder} and pushed to https://huggingface.co/{cfg.push_to_hub}"
+            )
         return last
 
     def _refresh_reference(self) -> None:
@@ -610,8 +656,9 @@ class Trainer:
             if self.reference.weights is not None:
                 mx.save_safetensors(str(tmp / REF_ADAPTER_FILE), self.reference.weights)
 
-        path = write_checkpoint(self.run_dir, self.step, write, self.config.keep_last)
-        return path
+        if not self.is_main:
+            return checkpoint_dir(self.run_dir, self.step)
+        return write_checkpoint(self.run_dir, self.step, write, self.config.keep_last)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore adapters, optimizer and loop state from a checkpoint directory."""
@@ -626,6 +673,7 @@ class Trainer:
         self.loss_state.load_state_dict(state["loss_state"])
         mx.eval(self.model.parameters(), self.optimizer.state)
         self.metrics_log.truncate_after(self.step)
+        self.samples_log.truncate_after(self.step)
         self.progress.start = self.step
 
     @classmethod
@@ -636,8 +684,8 @@ class Trainer:
         settings that would change the result of the steps already taken are refused.
         """
         run_dir = Path(run_dir)
-        if not (run_dir / RESOLVED_CONFIG).exists():
-            raise ConfigError(f"{run_dir} is not a run directory: {RESOLVED_CONFIG} is missing")
+        if not (run_dir / RUN_CONFIG).exists():
+            raise ConfigError(f"{run_dir} is not a run directory: {RUN_CONFIG} is missing")
         overrides = dict(overrides or {})
         allowed = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "keep_last"}
         if set(overrides) - allowed:
@@ -645,7 +693,7 @@ class Trainer:
                 f"--resume continues a run with its saved config; only {', '.join(sorted(allowed))} "
                 f"can change, not {', '.join(sorted(set(overrides) - allowed))}"
             )
-        config = load_config(run_dir / RESOLVED_CONFIG, {**overrides, "output": str(run_dir)})
+        config = load_config(run_dir / RUN_CONFIG, {**overrides, "output": str(run_dir)})
         trainer = cls(config, **kwargs)
         path = latest_valid(run_dir, warn=trainer._log)
         if path is None:
@@ -671,8 +719,41 @@ class Trainer:
         self._log(f"step {self.step}: " + format_metrics(record, LOG_KEYS))
         return record
 
+    def generate_samples(self) -> list[dict]:
+        """Greedy completions for the first few eval prompts from the policy and the
+        reference, side by side (written to samples.jsonl at each evaluation)."""
+        from mlx_lm import generate
+
+        cfg = self.config
+        dataset = self.eval_set or self.train_set
+        prompts = list(dict.fromkeys(e.prompt for e in dataset.examples))[: cfg.generate_prompts]
+        out = []
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for prompt in prompts:
+                row = {"step": self.step, "prompt": self.tokenizer.decode(list(prompt))}
+                row["policy"] = generate(
+                    self.model, self.tokenizer, list(prompt), max_tokens=cfg.generate_max_tokens
+                )
+                with self.reference.as_model() as reference:
+                    if reference is not None:
+                        row["reference"] = generate(
+                            reference,
+                            self.tokenizer,
+                            list(prompt),
+                            max_tokens=cfg.generate_max_tokens,
+                        )
+                out.append(row)
+        finally:
+            self.model.train(was_training)
+        return out
+
     def _log_eval(self) -> dict:
         metrics = self.evaluate()
+        if self.config.generate_during_eval and self.is_main:
+            for row in self.generate_samples():
+                self.samples_log.write(row)
         if metrics:
             self.metrics_log.write({"step": self.step, **metrics})
             self._log(f"eval step {self.step}: " + format_metrics(metrics, EVAL_KEYS))

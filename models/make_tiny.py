@@ -12,6 +12,12 @@ something to move.
 
 from __future__ import annotations
 
+# isort: off
+import contextlib
+
+with contextlib.suppress(ImportError):  # mlx-pref, when installed, loads a fast BLAS first
+    import mlx_pref  # noqa: F401
+# isort: on
 import argparse
 import json
 import math

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# isort: off
+import mlx_pref  # noqa: F401  (loads the fast BLAS before anything imports mlx.core)
+
+# isort: on
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +15,6 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.llama import Model, ModelArgs
 
-import mlx_pref  # noqa: F401  (loads the fast BLAS before mlx.core)
 from mlx_pref.config import Config, config_from_dict
 from mlx_pref.data import embedded_data
 from mlx_pref.models import embedded_root

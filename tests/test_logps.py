@@ -92,3 +92,12 @@ def test_wpo_log_sum_p2_and_ld_summaries_agree_across_paths(model):
     tokens = [np.asarray(plain.token_logps)[plain.flat // plain.shape[1] == r] for r in range(6)]
     pair0 = (tokens[0][:2].sum() + 0.5 * tokens[0][2:].sum(), tokens[3][:2].sum())
     np.testing.assert_allclose([ld_plain[0], ld_plain[3]], pair0, atol=1e-5)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_cuda_padding_to_multiples_of_128_changes_nothing(model, monkeypatch, share_prompt):
+    batch = collate(PAIRS)
+    plain = np.asarray(sequence_logps(model, batch, share_prompt=share_prompt).sums)
+    monkeypatch.setattr("mlx_pref.logps.sequence_multiple", lambda: 128)
+    padded = sequence_logps(model, batch, share_prompt=share_prompt)
+    np.testing.assert_allclose(np.asarray(padded.sums), plain, atol=1e-5)

@@ -106,7 +106,7 @@ def test_grad_accumulation_equals_one_big_batch(make_config, tmp_path):
     # The accumulated gradient is the big batch's: same loss, same gradient norm, same update.
     assert two.loss == pytest.approx(one.loss, rel=1e-6)
     assert two.metrics["grad_norm"] == pytest.approx(one.metrics["grad_norm"], rel=1e-5)
-    assert two.metrics["rewards/margins"] == pytest.approx(one.metrics["rewards/margins"], abs=1e-7)
+    assert two.metrics["rewards/margins"] == pytest.approx(one.metrics["rewards/margins"], abs=1e-6)
     # Adam's first step is ~lr * sign(g); gradients near zero make single entries differ
     # by float rounding, so compare updates to 1% of the learning rate.
     for key, value in adapter_parameters(ta.model).items():
@@ -307,3 +307,16 @@ def test_grad_checkpointing_and_compile_leave_the_step_unchanged(make_config, tm
     for name in ("checkpointed", "compiled", "unshared"):
         assert results[name]["loss"] == pytest.approx(results["plain"]["loss"], rel=1e-6)
         assert results[name]["grad_norm"] == pytest.approx(results["plain"]["grad_norm"], rel=1e-4)
+
+
+def test_generate_during_eval_writes_policy_and_reference_samples(make_config):
+    cfg = make_config(max_steps=2, eval_every=2, generate_during_eval=True, generate_prompts=2,
+                      generate_max_tokens=5)  # fmt: skip
+    trainer = Trainer(cfg, verbose=False)
+    trainer.train()
+    rows = [json.loads(line) for line in (Path(cfg.output) / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 2]
+    prompts = list(dict.fromkeys(e.prompt for e in trainer.eval_set.examples))[:2]
+    assert [r["prompt"] for r in rows] == [trainer.tokenizer.decode(list(p)) for p in prompts]
+    assert all(isinstance(r["policy"], str) and r["policy"] for r in rows)
+    assert trainer.generate_samples() == rows  # greedy: the final policy reproduces them
