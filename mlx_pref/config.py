@@ -199,15 +199,11 @@ class Config:
             _positive(key, getattr(self, key))
         _positive("generate_prompts", self.generate_prompts)
         _positive("generate_max_tokens", self.generate_max_tokens)
-        for key in (
-            "max_steps",
-            "max_prompt_length",
-            "max_completion_length",
-            "eval_batches",
-            "keep_last",
-        ):
+        for key in ("max_steps", "max_prompt_length", "eval_batches", "keep_last"):
             if getattr(self, key) is not None:
                 _positive(key, getattr(self, key))
+        if self.max_completion_length is not None:
+            _positive("max_completion_length", self.max_completion_length)
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.weight_decay < 0:
