@@ -82,6 +82,7 @@ class Config:
     format: str = "auto"
     max_length: int = 512
     max_prompt_length: int | None = None
+    max_completion_length: int | None = None
     truncation_mode: str = "keep_end"
     strict: bool = False
     # loss
@@ -201,6 +202,8 @@ class Config:
         for key in ("max_steps", "max_prompt_length", "eval_batches", "keep_last"):
             if getattr(self, key) is not None:
                 _positive(key, getattr(self, key))
+        if self.max_completion_length is not None:
+            _positive("max_completion_length", self.max_completion_length)
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.weight_decay < 0:

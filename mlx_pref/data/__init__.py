@@ -1,48 +1,79 @@
-"""The data pipeline: files -> records -> tokenized examples -> length-bucketed batches."""
+"""The data pipeline: files -> records -> tokenized examples -> length-bucketed batches.
+
+``load_datasets(cfg, tokenizer)`` is what the trainer calls; ``load_dataset`` loads one
+spec (a file, a directory, or a Hub dataset). Modules, in the order data flows:
+``sources`` (reading), ``formats`` (detection, normalisation), ``tokenize`` (chat
+templates, BOS/EOS, truncation), ``batching`` (length-bucketed batches), ``report`` and
+``check`` (what loading did, for logs and ``mlx-pref data check``).
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from mlx_pref.data.batching import (
+    PAD_ID,
     Batch,
     Example,
     PairExample,
     UnpairedExample,
+    batch_order,
     collate,
     iterate_batches,
     padding_fraction,
 )
-from mlx_pref.data.formats import read_records
-from mlx_pref.data.tokenize import tokenize_records
+from mlx_pref.data.formats import FORMATS, Record, detect_format, extract_prompt, read_records
+from mlx_pref.data.report import Report
+from mlx_pref.data.sources import DataFile, resolve_files
+from mlx_pref.data.tokenize import Truncation, tokenize_records, truncate
 from mlx_pref.errors import DataError
 
 __all__ = [
+    "FORMATS",
+    "PAD_ID",
     "Batch",
     "Dataset",
     "Example",
     "PairExample",
+    "Record",
+    "Report",
+    "Truncation",
     "UnpairedExample",
+    "batch_order",
     "collate",
+    "detect_format",
     "embedded_data",
+    "extract_prompt",
     "iterate_batches",
+    "load_dataset",
     "load_datasets",
     "padding_fraction",
+    "truncate",
 ]
+
+log = logging.getLogger("mlx_pref.data")
 
 
 @dataclass
 class Dataset:
-    """Tokenized examples of one kind, with a report of what loading did."""
+    """Tokenized examples of one kind (all pairs or all unpaired rows) and what loading did."""
 
     examples: list[Example]
     name: str
-    report: dict = field(default_factory=dict)
+    report: Report = field(default_factory=Report)
 
     @property
     def paired(self) -> bool:
+        """True for preference pairs; False for unpaired (thumbs up/down) rows."""
         return bool(self.examples) and isinstance(self.examples[0], PairExample)
+
+    @property
+    def format(self) -> str:
+        return self.report.format
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -56,34 +87,71 @@ def embedded_data() -> tuple[Path, Path]:
     return root / "train.jsonl", root / "eval.jsonl"
 
 
-def load_dataset(path: str | Path, tokenizer, cfg) -> Dataset:
-    records = read_records(path, fmt=cfg.format, strict=cfg.strict)
-    examples, report = tokenize_records(records, tokenizer, cfg)
+def load_dataset(
+    spec: str | Path,
+    tokenizer,
+    cfg,
+    *,
+    warn: bool = True,
+    files: list[DataFile] | None = None,
+) -> Dataset:
+    """Read, normalise and tokenize one dataset spec under ``cfg``'s data settings.
+
+    Raises DataError for file-level problems, for any bad row under ``cfg.strict``, for a
+    file with more than half its rows bad, and when no row is usable. ``files``: the
+    spec's files if already resolved (``resolve_files``).
+    """
+    report = Report(strict=cfg.strict)
+    records = (
+        record
+        for f in (files if files is not None else resolve_files(spec))
+        for record in read_records(f, cfg.format, report)
+    )
+    examples = tokenize_records(records, tokenizer, Truncation.from_config(cfg), report)
+    kinds = {"unpaired" if f.format == "unpaired" else "paired": f.name for f in report.files}
+    if len(kinds) > 1:
+        raise DataError(
+            f"{spec}: mixes paired files ({kinds['paired']}) and unpaired files "
+            f"({kinds['unpaired']}); one dataset holds one kind"
+        )
+    report.check_bad_fraction()
     if not examples:
-        raise DataError(f"{path}: no usable rows ({report.get('dropped', {})})")
-    return Dataset(examples, str(path), report)
+        reasons = ", ".join(f"{n} {r}" for r, n in report.reasons.most_common())
+        first = next(iter(report.examples.values()))[0] if report.examples else ""
+        raise DataError(f"{spec}: no usable rows ({reasons}); first: {first}")
+    if warn and (report.reasons or report.truncated):
+        log.warning("%s: %s", spec, report.summary_line())
+    return Dataset(examples, str(spec), report)
+
+
+def split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """A seeded (train, eval) split holding out ``fraction`` of the examples, order kept."""
+    n = len(dataset)
+    n_eval = max(1, int(round(fraction * n)))
+    if n_eval >= n:
+        raise DataError(
+            f"{dataset.name}: eval_split {fraction} of {n} rows leaves nothing to train on"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    held, keep = sorted(order[:n_eval]), sorted(order[n_eval:])
+    examples = dataset.examples
+    return (
+        Dataset([examples[i] for i in keep], dataset.name, dataset.report),
+        Dataset([examples[i] for i in held], f"{dataset.name} (eval split)", dataset.report),
+    )
 
 
 def load_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset | None]:
-    """Train and (optional) eval datasets for a Config."""
+    """Train and (optional) eval datasets for a Config: ``eval_data``, or ``eval_split``."""
     if cfg.data is None:
-        train_path, eval_path = embedded_data()
+        train_spec, eval_spec = embedded_data()
         if cfg.eval_data is not None:
-            eval_path = cfg.eval_data
+            eval_spec = cfg.eval_data
     else:
-        train_path, eval_path = cfg.data, cfg.eval_data
-    train = load_dataset(train_path, tokenizer, cfg)
-    if eval_path is not None:
-        return train, load_dataset(eval_path, tokenizer, cfg)
+        train_spec, eval_spec = cfg.data, cfg.eval_data
+    train = load_dataset(train_spec, tokenizer, cfg)
+    if eval_spec is not None:
+        return train, load_dataset(eval_spec, tokenizer, cfg)
     if cfg.eval_split > 0:
-        import numpy as np
-
-        order = np.random.default_rng(cfg.seed).permutation(len(train))
-        n_eval = max(1, int(round(cfg.eval_split * len(train))))
-        keep, held = sorted(order[n_eval:]), sorted(order[:n_eval])
-        examples = train.examples
-        return (
-            Dataset([examples[i] for i in keep], train.name, train.report),
-            Dataset([examples[i] for i in held], f"{train.name} (eval split)", {}),
-        )
+        return split_dataset(train, cfg.eval_split, cfg.seed)
     return train, None

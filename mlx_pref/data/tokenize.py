@@ -1,56 +1,261 @@
-"""Turning records into token ids: chat templates, BOS/EOS, truncation."""
+"""Records to token ids: chat templates, BOS/EOS, truncation (TRL's conventions).
+
+- Conversational rows are rendered with the tokenizer's chat template: the prompt with
+  the generation prompt (or continuing a final assistant message), each completion as the
+  text the template adds after the prompt.
+- BOS goes in front of the prompt when the tokenizer has one and the prompt does not
+  already start with it (chat templates often write it themselves).
+- EOS goes after each plain-text completion unless the text already ends with it (TRL's
+  ``add_eos``). Chat-templated completions end the way the template ends a turn; EOS is
+  added only when that ending (trailing whitespace aside) is not the EOS token, so
+  ChatML's ``<|im_end|>\\n`` gets no second ``<|im_end|>``.
+- Prompt and completions are tokenized separately and concatenated (one prompt serves
+  both completions of a pair); texts are encoded in batches.
+"""
 
 from __future__ import annotations
 
-from mlx_pref.data.batching import PairExample, UnpairedExample
-from mlx_pref.data.formats import Record
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from mlx_pref.data.batching import Example, PairExample, UnpairedExample
+from mlx_pref.data.formats import Record, RowError
+from mlx_pref.data.report import Report
+from mlx_pref.errors import DataError
+
+CHUNK = 2048
+"""Rows per batch-encoding call: bounds the intermediate lists on large files."""
+
+Ids = tuple[int, ...]
 
 
-def _render(tokenizer, prompt, completion) -> tuple[str, str]:
-    if isinstance(prompt, list):
+@dataclass(frozen=True)
+class Truncation:
+    """Length limits in tokens; ``mode`` says which end of a too-long sequence survives.
+
+    ``max_prompt_length`` keeps the prompt's end (next to the answer); BOS is kept.
+    ``max_completion_length`` keeps each completion's start. Then, if prompt + longest
+    completion exceeds ``max_length``: ``keep_end`` drops tokens from the prompt's start
+    (down to BOS and one token) and only then cuts completions' ends; ``keep_start`` keeps
+    the prompt whole and cuts completions' ends, dropping the row when the prompt alone
+    leaves no room for a completion token.
+    """
+
+    max_length: int | None = None
+    max_prompt_length: int | None = None
+    max_completion_length: int | None = None
+    mode: str = "keep_end"
+
+    @classmethod
+    def from_config(cls, cfg) -> Truncation:
+        return cls(
+            cfg.max_length,
+            cfg.max_prompt_length,
+            cfg.max_completion_length,
+            cfg.truncation_mode,
+        )
+
+
+@dataclass(frozen=True)
+class Truncated:
+    prompt: Ids
+    completions: tuple[Ids, ...]
+    prompt_cut: bool
+    completion_cut: bool
+
+
+def truncate(
+    prompt: Ids, completions: Sequence[Ids], limits: Truncation, bos_id: int | None = None
+) -> Truncated | None:
+    """Apply ``limits`` to one row; None when no completion token fits."""
+    head = 1 if bos_id is not None and prompt[:1] == (bos_id,) else 0
+
+    def keep_end_of_prompt(ids: Ids, n: int) -> Ids:
+        if len(ids) <= n:
+            return ids
+        body = max(n - head, 0)
+        return ids[: min(head, n)] + (ids[len(ids) - body :] if body else ())
+
+    completions = tuple(completions)
+    prompt_cut = completion_cut = False
+    if limits.max_prompt_length is not None and len(prompt) > limits.max_prompt_length:
+        prompt, prompt_cut = keep_end_of_prompt(prompt, limits.max_prompt_length), True
+    if limits.max_completion_length is not None:
+        n = limits.max_completion_length
+        if any(len(c) > n for c in completions):
+            completions, completion_cut = tuple(c[:n] for c in completions), True
+    if limits.max_length is not None:
+        longest = max(len(c) for c in completions)
+        if len(prompt) + longest > limits.max_length:
+            if limits.mode == "keep_end":
+                keep = max(limits.max_length - longest, min(len(prompt), head + 1))
+                if keep < len(prompt):
+                    prompt, prompt_cut = keep_end_of_prompt(prompt, keep), True
+            room = limits.max_length - len(prompt)
+            if room < 1:
+                return None
+            if longest > room:
+                completions, completion_cut = tuple(c[:room] for c in completions), True
+    return Truncated(prompt, completions, prompt_cut, completion_cut)
+
+
+def has_chat_template(tokenizer) -> bool:
+    flag = getattr(tokenizer, "has_chat_template", None)
+    if flag is not None:
+        return bool(flag)
+    return getattr(tokenizer, "chat_template", None) is not None
+
+
+def _encoder(tokenizer) -> Callable[[list[str]], list[Ids]]:
+    """Batch encoder returning tuples whose ints are shared, one object per vocabulary id.
+
+    Python ints above 256 are separate 28-byte objects; sharing them keeps a token at
+    about 8 bytes (a tuple slot) however large the dataset.
+    """
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's wrapper holds the HF one
+    shared = list(range(len(inner))) if hasattr(inner, "__len__") else []
+
+    def intern(ids: list[int]) -> Ids:
+        try:
+            return tuple(map(shared.__getitem__, ids))
+        except IndexError:  # an id beyond the vocabulary size the tokenizer reports
+            return tuple(ids)
+
+    def encode(texts: list[str]) -> list[Ids]:
+        if not texts:
+            return []
+        if callable(inner):
+            batch = inner(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        else:
+            batch = [inner.encode(t, add_special_tokens=False) for t in texts]
+        return [intern(ids) for ids in batch]
+
+    return encode
+
+
+def _render_chat(tokenizer, prompt: list, completion: list, key: str, where: str):
+    continues = prompt[-1]["role"] == "assistant"
+    try:
         prompt_text = tokenizer.apply_chat_template(
-            prompt, add_generation_prompt=True, tokenize=False
+            prompt,
+            tokenize=False,
+            add_generation_prompt=not continues,
+            continue_final_message=continues,
         )
         full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-        return prompt_text, full[len(prompt_text) :]
-    return prompt, completion
+    except Exception as exc:  # template errors (jinja, raise_exception) are per row
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RowError(
+            "chat template", f"{where}: the chat template rejected 'prompt' + '{key}': {first}"
+        ) from None
+    if not full.startswith(prompt_text):
+        raise RowError(
+            "chat template",
+            f"{where}: the chat template renders 'prompt' + '{key}' so that it does not start "
+            "with the rendered 'prompt', so the completion cannot be told apart",
+        )
+    return prompt_text, full[len(prompt_text) :]
 
 
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=False)
+def render(record: Record, tokenizer) -> tuple[str, tuple[str, ...]]:
+    """The prompt text and the completion texts (chosen, rejected) or (completion,)."""
+    keys = ("chosen", "rejected") if record.paired else ("completion",)
+    values = [getattr(record, k) for k in keys]
+    if not record.chat:
+        return record.prompt, tuple(values)
+    prompt_text, completions = "", []
+    for key, value in zip(keys, values, strict=True):
+        prompt_text, text = _render_chat(tokenizer, record.prompt, value, key, record.where)
+        completions.append(text)
+    return prompt_text, tuple(completions)
 
 
-def _completion_ids(tokenizer, text: str) -> list[int]:
-    eos = tokenizer.eos_token
-    text = text.rstrip()
-    ids = _ids(tokenizer, text)
-    if not (eos and text.endswith(eos)):
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-def tokenize_records(records: list[Record], tokenizer, cfg) -> tuple[list, dict]:
-    bos = tokenizer.bos_token_id if getattr(tokenizer, "bos_token", None) else None
-    out = []
-    for r in records:
-        if r.completion is not None:
-            p, c = _render(tokenizer, r.prompt, r.completion)
-            prompt = ([bos] if bos is not None else []) + _ids(tokenizer, p)
-            out.append(
-                UnpairedExample(
-                    tuple(prompt), tuple(_completion_ids(tokenizer, c)), r.label, r.source
+def tokenize_records(
+    records: Iterable[Record], tokenizer, limits: Truncation, report: Report
+) -> list[Example]:
+    """Token-id examples for the records; rows that cannot be used are counted in ``report``."""
+    bos = getattr(tokenizer, "bos_token", None)
+    bos_id = tokenizer.bos_token_id if bos is not None else None
+    eos, eos_id = getattr(tokenizer, "eos_token", None), getattr(tokenizer, "eos_token_id", None)
+    encode = _encoder(tokenizer)
+    template = has_chat_template(tokenizer)
+    examples: list[Example] = []
+    records = iter(records)
+    while chunk := list(itertools.islice(records, CHUNK)):
+        rendered = []
+        for record in chunk:
+            if record.chat and not template:
+                name = getattr(tokenizer, "name_or_path", "") or "the model's tokenizer"
+                raise DataError(
+                    f"{record.where}: conversational rows (lists of messages) need a chat "
+                    f"template, but {name} has none; use a chat/instruct model, or write "
+                    "'prompt', 'chosen' and 'rejected' as plain strings"
                 )
-            )
-        else:
-            p, c = _render(tokenizer, r.prompt, r.chosen)
-            _, rj = _render(tokenizer, r.prompt, r.rejected)
-            prompt = ([bos] if bos is not None else []) + _ids(tokenizer, p)
-            out.append(
-                PairExample(
-                    tuple(prompt),
-                    tuple(_completion_ids(tokenizer, c)),
-                    tuple(_completion_ids(tokenizer, rj)),
-                    r.source,
-                )
-            )
-    return out, {"rows": len(records), "kept": len(out)}
+            try:
+                rendered.append((record, *render(record, tokenizer)))
+            except RowError as exc:
+                report.problem(exc.reason, exc.message, record.file)
+        prompts = encode([p for _, p, _ in rendered])
+        flat = encode([c for _, _, cs in rendered for c in cs])
+        pos = 0
+        for (record, _, texts), prompt in zip(rendered, prompts, strict=True):
+            completions = []
+            for text in texts:
+                ids = flat[pos]
+                pos += 1
+                ending = text.rstrip() if record.chat else text
+                if eos_id is not None and not (eos and ending.endswith(eos)):
+                    ids = (*ids, eos_id)
+                completions.append(ids)
+            example = _example(record, prompt, completions, limits, bos_id, report)
+            if example is not None:
+                examples.append(example)
+    report.kept = len(examples)
+    return examples
+
+
+def _example(
+    record: Record,
+    prompt: Ids,
+    completions: list[Ids],
+    limits: Truncation,
+    bos_id: int | None,
+    report: Report,
+) -> Example | None:
+    where = record.where
+    if not prompt and bos_id is None:
+        report.problem(
+            "empty prompt",
+            f"{where}: field 'prompt' is empty and the tokenizer has no BOS token, so the "
+            "completion has nothing to follow",
+            record.file,
+        )
+        return None
+    if bos_id is not None and prompt[:1] != (bos_id,):
+        prompt = (bos_id, *prompt)
+    cut = truncate(prompt, completions, limits, bos_id)
+    if cut is None:
+        n = min(len(prompt), limits.max_prompt_length or len(prompt))
+        report.problem(
+            "no room for completion",
+            f"{where}: field 'prompt' has {n} tokens, leaving no room for a completion within "
+            f"max_length {limits.max_length} (raise max_length, set max_prompt_length, or use "
+            "truncation_mode keep_end)",
+            record.file,
+        )
+        return None
+    if record.paired and cut.completions[0] == cut.completions[1]:
+        limit = f"max_length {limits.max_length}"
+        if limits.max_completion_length is not None:
+            limit += f" and max_completion_length {limits.max_completion_length}"
+        report.problem(
+            "identical after truncation",
+            f"{where}: fields 'chosen' and 'rejected' are identical once truncated to {limit}",
+            record.file,
+        )
+        return None
+    report.count_truncation(cut.prompt_cut, cut.completion_cut)
+    if record.paired:
+        return PairExample(cut.prompt, *cut.completions, source=where)
+    return UnpairedExample(cut.prompt, cut.completions[0], record.label, source=where)

@@ -1,0 +1,137 @@
+"""``mlx-pref data check``: load a dataset exactly as training would and summarise it.
+
+The summary says what was read (files, formats), what was kept, truncated or dropped and
+why (with the first few ``file:line`` examples), token length statistics, and the
+padding fraction of the epoch's batches with length bucketing and without.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlx_pref.data import Dataset, load_dataset
+from mlx_pref.data.batching import PairExample, padding_fraction
+from mlx_pref.data.sources import DataFile
+
+
+@dataclass(frozen=True)
+class LengthStats:
+    """Token counts over a dataset's rows."""
+
+    min: int
+    mean: float
+    median: float
+    p95: float
+    max: int
+
+    @classmethod
+    def of(cls, values: list[int]) -> LengthStats:
+        a = np.asarray(values)
+        return cls(
+            int(a.min()),
+            float(a.mean()),
+            float(np.median(a)),
+            float(np.percentile(a, 95)),
+            int(a.max()),
+        )
+
+
+@dataclass
+class CheckResult:
+    """A loaded dataset with its length statistics and padding fractions."""
+
+    dataset: Dataset
+    batch_size: int
+    lengths: dict[str, LengthStats]
+    padding_bucketed: float
+    padding_unbucketed: float
+
+    def format(self) -> str:
+        """The human-readable summary ``mlx-pref data check`` prints."""
+        ds, report = self.dataset, self.dataset.report
+        unit = "pairs" if ds.paired else "rows"
+        lines = [f"data: {ds.name}"]
+        for f in report.files:
+            how = f"detected from line {f.detected_from}" if f.detected_from else "as set"
+            lines.append(f"  {f.name}: {f.rows} rows, format {f.format} ({how})")
+        lines.append(f"rows read: {report.rows}")
+        lines.append(f"kept: {report.kept} {unit}")
+        if not ds.paired:
+            good = sum(e.label for e in ds.examples)
+            lines[-1] += f" ({good} desirable, {len(ds) - good} undesirable)"
+        lines.append(
+            f"truncated: {report.truncated} (prompt {report.prompt_truncated}, "
+            f"completion {report.completion_truncated})"
+        )
+        lines.append(f"dropped: {report.dropped}")
+        for reason, n in report.reasons.most_common():
+            lines.append(f"  {reason}: {n}")
+            lines.extend(f"    {example}" for example in report.examples[reason])
+        lines.append("tokens: min / mean / median / p95 / max")
+        width = max(len(k) for k in self.lengths)
+        for key, s in self.lengths.items():
+            lines.append(
+                f"  {key:<{width}}  {s.min} / {s.mean:.1f} / {s.median:.0f} / {s.p95:.0f} / {s.max}"
+            )
+        ratio = (
+            f" ({self.padding_unbucketed / self.padding_bucketed:.1f}x less with bucketing)"
+            if self.padding_bucketed > 0
+            else ""
+        )
+        lines.append(
+            f"padding at batch size {self.batch_size}: {self.padding_bucketed:.1%} with "
+            f"length bucketing, {self.padding_unbucketed:.1%} without{ratio}"
+        )
+        return "\n".join(lines)
+
+
+def length_stats(dataset: Dataset) -> dict[str, LengthStats]:
+    """Prompt, completion and whole-sequence token counts."""
+    ex = dataset.examples
+    stats = {"prompt": LengthStats.of([len(e.prompt) for e in ex])}
+    if isinstance(ex[0], PairExample):
+        stats["chosen"] = LengthStats.of([len(e.chosen) for e in ex])
+        stats["rejected"] = LengthStats.of([len(e.rejected) for e in ex])
+    else:
+        stats["completion"] = LengthStats.of([len(e.completion) for e in ex])
+    stats["sequence"] = LengthStats.of([e.length for e in ex])
+    return stats
+
+
+def check_dataset(
+    spec: str | Path,
+    tokenizer,
+    cfg,
+    batch_size: int | None = None,
+    files: list[DataFile] | None = None,
+) -> CheckResult:
+    """Load ``spec`` under ``cfg`` (errors as in training) and summarise it."""
+    dataset = load_dataset(spec, tokenizer, cfg, warn=False, files=files)
+    batch_size = batch_size or cfg.batch_size
+    return CheckResult(
+        dataset,
+        batch_size,
+        length_stats(dataset),
+        padding_fraction(dataset.examples, batch_size, seed=cfg.seed, bucket=True),
+        padding_fraction(dataset.examples, batch_size, seed=cfg.seed, bucket=False),
+    )
+
+
+def load_tokenizer(spec: str | None):
+    """Only the tokenizer of a model (directory, Hub id, ``.gguf``, or the embedded one)."""
+    if spec is not None and str(spec).endswith(".gguf"):
+        from mlx_pref.models import load_model
+
+        return load_model(spec).tokenizer
+    import json
+
+    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+
+    from mlx_pref.models import resolve_model_path
+
+    path = resolve_model_path(spec)
+    config = json.loads((path / "config.json").read_text())
+    return mlx_load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))

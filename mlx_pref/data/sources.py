@@ -1,0 +1,398 @@
+"""Where rows come from: local files, directories of them, and Hub dataset repositories.
+
+Every row is yielded with the file and line it came from, so any later message can
+point at it. Nothing here looks at fields. File-level problems (missing, empty, not
+JSON, not UTF-8 as a whole) raise ``DataError``; row-level ones in JSON Lines files (a
+malformed line, bytes that are not UTF-8) come back as rows carrying a problem, to be
+counted or, under ``strict``, raised by the caller. Files are only ever read.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import re
+import zlib
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from mlx_pref.errors import DataError
+
+LINE_SUFFIXES = (".jsonl", ".ndjson")
+"""JSON Lines: one row per line, bad lines can be skipped."""
+DOCUMENT_SUFFIXES = (".json",)
+"""One JSON document: a list of rows, or ``{"data": [rows]}``."""
+DATA_SUFFIXES = tuple(s + gz for s in LINE_SUFFIXES + DOCUMENT_SUFFIXES for gz in ("", ".gz"))
+UNSUPPORTED = {
+    ".parquet": "parquet",
+    ".arrow": "Arrow",
+    ".csv": "CSV",
+    ".tsv": "TSV",
+}
+METADATA_FILES = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}
+"""JSON files that Hub repos and ``datasets`` exports hold next to the data."""
+CONVERT_HINT = (
+    "convert it to JSON Lines, e.g. datasets.load_dataset(...)[split].to_json('train.jsonl')"
+)
+HUB_PREFIX = "hf://"
+_HUB_SPEC = re.compile(
+    r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:/(?P<path>[^:]+?))?/?(?::(?P<split>[\w.-]+))?$"
+)
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """A data file on disk and the name messages use for it."""
+
+    path: Path
+    name: str
+
+
+@dataclass(frozen=True)
+class RawRow:
+    """One parsed row, or (``reason`` set) why it could not be parsed."""
+
+    file: str
+    line: int
+    value: Any = None
+    reason: str | None = None
+    problem: str | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+@dataclass(frozen=True)
+class HubSpec:
+    """``[hf://]owner/name[/path/in/repo][:split]``."""
+
+    repo: str
+    path: str | None = None
+    split: str | None = None
+
+
+def is_data_file(name: str) -> bool:
+    return name.lower().endswith(DATA_SUFFIXES)
+
+
+def _unsupported_kind(name: str) -> str | None:
+    lowered = name.lower().removesuffix(".gz")
+    return next((kind for suf, kind in UNSUPPORTED.items() if lowered.endswith(suf)), None)
+
+
+def parse_hub_spec(spec: str) -> HubSpec | None:
+    """The Hub dataset a spec names, or None when it is (meant as) a local path.
+
+    ``hf://`` always means the Hub. A bare ``owner/name[...]`` means the Hub only when it
+    does not look like a file path (no leading ``.``, ``/`` or ``~``, no data-file suffix).
+    """
+    explicit = spec.startswith(HUB_PREFIX)
+    body = spec[len(HUB_PREFIX) :] if explicit else spec
+    if not explicit and (body.startswith((".", "/", "~")) or is_data_file(body.split(":")[0])):
+        return None
+    match = _HUB_SPEC.match(body)
+    if match is None:
+        if explicit:
+            raise DataError(
+                f"'{spec}' is not a Hub dataset: write hf://owner/name[/path/in/repo][:split]"
+            )
+        return None
+    return HubSpec(match["repo"], match["path"], match["split"])
+
+
+def resolve_files(spec: str | Path) -> list[DataFile]:
+    """The data files a spec names: a file, a directory (sorted, recursive) or a Hub repo."""
+    text = str(spec)
+    path = Path(text).expanduser()
+    if not text.startswith(HUB_PREFIX):
+        if path.is_dir():
+            return _directory_files(path, text.rstrip("/"))
+        if path.is_file():
+            _check_suffix(path.name, text)
+            return [DataFile(path, text)]
+    hub = parse_hub_spec(text)
+    if hub is not None:
+        return hub_files(hub)
+    raise DataError(f"data file not found: {text}")
+
+
+def _check_suffix(filename: str, shown: str) -> None:
+    if is_data_file(filename):
+        return
+    kind = _unsupported_kind(filename)
+    if kind:
+        raise DataError(
+            f"{shown}: {kind} files are not read (mlx-pref reads .jsonl, .json and their .gz); "
+            + CONVERT_HINT
+        )
+    raise DataError(
+        f"{shown}: unknown file type; expected one of {', '.join(DATA_SUFFIXES)} "
+        "(JSON Lines, or a JSON list of rows)"
+    )
+
+
+def _directory_files(root: Path, shown: str, hub: bool = False) -> list[DataFile]:
+    found, other = [], []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        if is_data_file(path.name) and path.name not in METADATA_FILES:
+            found.append(DataFile(path, f"{shown}/{rel}"))
+        elif _unsupported_kind(path.name):
+            other.append(rel)
+    if not found:
+        if hub:
+            hint = f"; parquet-only repositories are not read: {CONVERT_HINT}"
+        elif other:
+            more = ", ..." if len(other) > 3 else ""
+            hint = (
+                f"; it holds {', '.join(other[:3])}{more}, which mlx-pref does not read: "
+                + CONVERT_HINT
+            )
+        else:
+            hint = ""
+        raise DataError(f"{shown}: no data files ({', '.join(DATA_SUFFIXES)}) in it{hint}")
+    return found
+
+
+def select_split(relpaths: list[str], split: str | None) -> list[str]:
+    """Files of one split: those whose path has the split's name as a word (between ``/``,
+    ``_``, ``.``, ``-``): ``test.jsonl``, ``data/test-00000-of-00001.jsonl``, ``test/0.jsonl``.
+
+    Without a split: the ``train`` files if the repo names splits, else every file.
+    """
+
+    def matches(rel: str, name: str) -> bool:
+        return re.search(rf"(^|[/_.-]){re.escape(name)}([/_.-]|$)", rel) is not None
+
+    if split is None:
+        train = [r for r in relpaths if matches(r, "train")]
+        return train or relpaths
+    return [r for r in relpaths if matches(r, split)]
+
+
+def hub_files(spec: HubSpec) -> list[DataFile]:
+    """Download (or find in the cache) a Hub dataset's JSON files and pick the split's."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    shown = f"{HUB_PREFIX}{spec.repo}"
+    sub = spec.path.strip("/") if spec.path else ""
+    if sub and is_data_file(sub):
+        patterns = [sub]
+    else:
+        prefix = f"{sub}/" if sub else ""
+        patterns = [f"{prefix}*{suffix}" for suffix in DATA_SUFFIXES]
+    try:
+        root = Path(snapshot_download(spec.repo, repo_type="dataset", allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise DataError(
+            f"cannot download dataset '{spec.repo}' from the Hugging Face Hub: offline "
+            "(no network, or HF_HUB_OFFLINE=1) and not in the local cache. Connect once to "
+            "cache it, or pass a local file."
+        ) from None
+    except GatedRepoError:
+        raise DataError(
+            f"dataset '{spec.repo}' is gated on the Hugging Face Hub: accept its terms on its "
+            "page and log in (hf auth login)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise DataError(
+            f"dataset '{spec.repo}' not found on the Hugging Face Hub (if it is private, log "
+            "in with hf auth login); a local path that does not exist is read as a Hub id"
+        ) from None
+    except HfHubHTTPError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(f"cannot download dataset '{spec.repo}': {first}") from None
+    except OSError as exc:
+        raise DataError(
+            f"cannot download dataset '{spec.repo}' from the Hugging Face Hub "
+            f"({type(exc).__name__}); check the network or pass a local file"
+        ) from None
+    target = root / sub if sub else root
+    if sub and is_data_file(sub):
+        if not target.is_file():
+            raise DataError(f"{shown}: no file '{sub}' in the repository")
+        return [DataFile(target, f"{shown}/{sub}")]
+    if sub:
+        shown = f"{shown}/{sub}"
+    if not target.is_dir():
+        raise DataError(
+            f"{shown}: no data files ({', '.join(DATA_SUFFIXES)}) in it; parquet-only "
+            f"repositories are not read: {CONVERT_HINT}"
+        )
+    files = _directory_files(target, shown, hub=True)
+    rel = {f.path.relative_to(target).as_posix(): f for f in files}
+    chosen = select_split(list(rel), spec.split)
+    if not chosen:
+        raise DataError(
+            f"{shown}: no files for split '{spec.split}' among {', '.join(list(rel)[:6])}"
+            f"{', ...' if len(rel) > 6 else ''}"
+        )
+    return [rel[r] for r in chosen]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+GZIP_ERRORS = (OSError, EOFError, zlib.error)
+
+
+@contextmanager
+def _open(f: DataFile) -> Iterator[IO[bytes]]:
+    """The file's bytes as a stream (decompressed for .gz), once its first bytes look right."""
+    try:
+        raw = f.path.open("rb")
+    except OSError as exc:
+        raise DataError(f"{f.name}: cannot read the file ({exc.strerror or exc})") from None
+    with raw:
+        gz = f.path.name.lower().endswith(".gz")
+        try:
+            magic = raw.peek(2)[:2]
+            if gz and magic and magic != GZIP_MAGIC:
+                raise DataError(f"{f.name}: not a valid gzip file (no gzip header)")
+            if not gz and magic == GZIP_MAGIC:
+                raise DataError(f"{f.name}: the file is gzip-compressed; name it {f.path.name}.gz")
+            stream = gzip.GzipFile(fileobj=raw) if gz and magic else raw
+            head = stream.peek(4)[:4]
+            if head == b"PAR1":
+                raise DataError(
+                    f"{f.name}: this is a parquet file, which is not read: {CONVERT_HINT}"
+                )
+            if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                raise DataError(f"{f.name}: the file is UTF-16 text; save it as UTF-8")
+            yield stream
+        except GZIP_ERRORS as exc:  # a corrupt or truncated .gz, at any point of reading
+            raise DataError(f"{f.name}: not a valid gzip file ({exc})") from None
+
+
+def read_rows(f: DataFile) -> Iterator[RawRow]:
+    """Rows of one file in order, each with its 1-based line number.
+
+    JSON Lines files are streamed line by line; a .json document is read whole.
+    """
+    name = f.path.name.lower().removesuffix(".gz")
+    with _open(f) as stream:
+        if name.endswith(LINE_SUFFIXES):
+            yield from _line_rows(f, stream)
+        else:
+            yield from _document_rows(f, stream.read())
+
+
+def _line_rows(f: DataFile, lines: Iterable[bytes]) -> Iterator[RawRow]:
+    seen = False
+    for lineno, raw in enumerate(lines, 1):
+        if lineno == 1:
+            raw = raw.removeprefix(b"\xef\xbb\xbf")
+        try:
+            line = raw.decode("utf-8").rstrip("\r\n")
+        except UnicodeDecodeError as exc:
+            seen = True
+            yield RawRow(
+                f.name,
+                lineno,
+                reason="not UTF-8",
+                problem=f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+            )
+            continue
+        if not line.strip():
+            continue
+        seen = True
+        try:
+            yield RawRow(f.name, lineno, json.loads(line))
+        except json.JSONDecodeError as exc:
+            yield RawRow(
+                f.name,
+                lineno,
+                reason="malformed JSON",
+                problem=f"malformed JSON: {exc.msg} (column {exc.colno})",
+            )
+    if not seen:
+        raise DataError(f"{f.name}: the file is empty")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _document_rows(f: DataFile, raw: bytes) -> Iterator[RawRow]:
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    if not raw.strip():
+        raise DataError(f"{f.name}: the file is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise DataError(
+            f"{f.name}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); a .json file "
+            "must be UTF-8 throughout"
+        ) from None
+    decoder = json.JSONDecoder()
+    start = _skip_space(text, 0)
+    try:
+        value, end = decoder.raw_decode(text, start)
+    except json.JSONDecodeError as exc:
+        raise DataError(
+            f"{f.name}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno}); a .json "
+            "file must parse as a whole (use JSON Lines, .jsonl, to have bad rows skipped)"
+        ) from None
+    if _skip_space(text, end) < len(text):
+        if isinstance(value, dict):  # JSON Lines saved under a .json name
+            yield from _line_rows(f, io.BytesIO(raw))
+            return
+        line = text.count("\n", 0, end) + 1
+        raise DataError(f"{f.name}:{line}: malformed JSON: extra data after the document")
+    if isinstance(value, dict) and isinstance(value.get("data"), list):
+        start = _member_position(text, start, "data")
+    elif not isinstance(value, list):
+        got = "an object without a 'data' list" if isinstance(value, dict) else type(value).__name__
+        raise DataError(
+            f"{f.name}: a .json file must hold a list of rows or an object with a 'data' "
+            f"list of rows; got {got}"
+        )
+    yield from _array_rows(f, text, start)
+
+
+def _member_position(text: str, pos: int, key: str) -> int:
+    """Where the value of ``key`` starts in the (valid) JSON object at ``pos``."""
+    decoder = json.JSONDecoder()
+    pos = _skip_space(text, pos + 1)
+    while text[pos] != "}":
+        name, pos = decoder.raw_decode(text, pos)
+        pos = _skip_space(text, _skip_space(text, pos) + 1)  # past ':'
+        if name == key:
+            return pos
+        _, pos = decoder.raw_decode(text, pos)
+        pos = _skip_space(text, pos)
+        if text[pos] == ",":
+            pos = _skip_space(text, pos + 1)
+    raise ValueError(key)
+
+
+def _array_rows(f: DataFile, text: str, pos: int) -> Iterator[RawRow]:
+    """Items of the (valid) JSON array at ``pos``, each with the line it starts on."""
+    decoder = json.JSONDecoder()
+    pos = _skip_space(text, pos + 1)
+    line, counted = 1, 0
+    while text[pos] != "]":
+        value, end = decoder.raw_decode(text, pos)
+        line += text.count("\n", counted, pos)
+        counted = pos
+        yield RawRow(f.name, line, value)
+        pos = _skip_space(text, end)
+        if text[pos] == ",":
+            pos = _skip_space(text, pos + 1)
