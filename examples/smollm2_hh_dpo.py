@@ -11,13 +11,16 @@ adapter, generated through mlx-lm.
 
 from __future__ import annotations
 
+# isort: off
+import mlx_pref  # noqa: F401  (loads the fast BLAS before anything imports mlx.core)
+
+# isort: on
 import argparse
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
-import mlx_pref  # noqa: F401  (loads the fast BLAS before mlx.core)
 from mlx_lm import generate
 from mlx_lm.tuner.utils import load_adapters
 
