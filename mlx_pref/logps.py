@@ -125,17 +125,23 @@ def _summed(n: int, flat: np.ndarray, width: int, token_logps: mx.array) -> mx.a
 
 
 def sequence_logps(
-    model: nn.Module, batch: Batch, *, with_p2: bool = False, share_prompt: bool = True
+    model: nn.Module,
+    batch: Batch,
+    *,
+    with_p2: bool = False,
+    share_prompt: bool | str = True,
 ) -> SequenceLogps:
     """Summed completion log-probs for every row of ``batch``.
 
-    Paired batches run each prompt once and both completions against its cache
-    (``share_prompt``); otherwise one forward pass over the concatenated rows.
-    ``with_p2`` also returns ``log Σ_v p_v²`` per scored token (WPO's weights).
+    Paired batches can run each prompt once and both completions against its cache:
+    ``share_prompt`` True does so when that touches fewer padded token slots,
+    ``"always"`` whenever possible, False never; otherwise one forward pass over the
+    concatenated rows. ``with_p2`` also returns ``log Σ_v p_v²`` per scored token (WPO).
     """
     split = split_lm(model)
     multiple = sequence_multiple()
-    if share_prompt and split is not None and batch.paired and batch.prompt_lengths.min() > 0:
+    possible = split is not None and batch.paired and batch.prompt_lengths.min() > 0
+    if possible and (share_prompt == "always" or (share_prompt and _sharing_pays(batch, multiple))):
         return _shared_prompt_logps(*split, batch, with_p2, multiple)
     if (batch.tokens.shape[1] - 1) % multiple:  # padding after every row's end changes nothing
         width = -(-(batch.tokens.shape[1] - 1) // multiple) * multiple + 1
@@ -153,6 +159,16 @@ def sequence_logps(
     else:  # unknown architecture: full logits, gathered before the log-softmax
         token_logps, p2 = _score(model(inputs), lambda h: h, flat, targets, with_p2)
     return SequenceLogps(_summed(n, flat, t - 1, token_logps), token_logps, flat, (n, t - 1), p2)
+
+
+def _sharing_pays(batch: Batch, multiple: int) -> bool:
+    """Whether one prompt pass plus completions against its cache touches fewer padded
+    token slots than one pass over the concatenated rows (ragged prompts can make the
+    left-padded prompt plus right-padded completions wider than the rows themselves)."""
+    b, n = batch.num_examples, len(batch.lengths)
+    shared = b * _round_up(int(batch.prompt_lengths.max()), multiple)
+    shared += n * _round_up(int(batch.completion_lengths.max()) - 1, multiple)
+    return shared < 0.9 * n * _round_up(batch.tokens.shape[1] - 1, multiple)
 
 
 class PrefixCache:

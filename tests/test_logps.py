@@ -48,7 +48,7 @@ def full_logits_reference(model, batch) -> np.ndarray:
     return (np.asarray(picked) * batch.completion_mask()).sum(axis=1)
 
 
-@pytest.mark.parametrize("share_prompt", [False, True])
+@pytest.mark.parametrize("share_prompt", [False, "always"])
 def test_sums_match_a_full_vocabulary_log_softmax(model, share_prompt):
     batch = collate(PAIRS)
     ours = np.asarray(sequence_logps(model, batch, share_prompt=share_prompt).sums)
@@ -73,7 +73,7 @@ def test_prompt_sharing_gives_the_same_gradients(model):
         return lambda: (sequence_logps(model, batch, share_prompt=share).sums * weights).sum()
 
     _, plain = nn.value_and_grad(model, objective(False))()
-    _, shared = nn.value_and_grad(model, objective(True))()
+    _, shared = nn.value_and_grad(model, objective("always"))()
     for (key, a), (_, b) in zip(tree_flatten(plain), tree_flatten(shared)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4, err_msg=key)
 
@@ -81,7 +81,7 @@ def test_prompt_sharing_gives_the_same_gradients(model):
 def test_wpo_log_sum_p2_and_ld_summaries_agree_across_paths(model):
     batch = collate(PAIRS)
     plain = sequence_logps(model, batch, with_p2=True, share_prompt=False)
-    shared = sequence_logps(model, batch, with_p2=True, share_prompt=True)
+    shared = sequence_logps(model, batch, with_p2=True, share_prompt="always")
     np.testing.assert_allclose(
         np.asarray(plain.token_log_sum_p2), np.asarray(shared.token_log_sum_p2), atol=1e-5
     )
@@ -94,10 +94,26 @@ def test_wpo_log_sum_p2_and_ld_summaries_agree_across_paths(model):
     np.testing.assert_allclose([ld_plain[0], ld_plain[3]], pair0, atol=1e-5)
 
 
-@pytest.mark.parametrize("share_prompt", [False, True])
+@pytest.mark.parametrize("share_prompt", [False, "always"])
 def test_cuda_padding_to_multiples_of_128_changes_nothing(model, monkeypatch, share_prompt):
     batch = collate(PAIRS)
     plain = np.asarray(sequence_logps(model, batch, share_prompt=share_prompt).sums)
     monkeypatch.setattr("mlx_pref.logps.sequence_multiple", lambda: 128)
     padded = sequence_logps(model, batch, share_prompt=share_prompt)
     np.testing.assert_allclose(np.asarray(padded.sums), plain, atol=1e-5)
+
+
+def test_sharing_is_used_only_where_it_saves_padded_slots():
+    from mlx_pref.logps import _sharing_pays
+
+    # Long shared prompts, short completions: one prompt pass is far cheaper.
+    long_prompts = collate([PairExample(tuple(range(1, 41)), (41, 42), (43,)) for _ in range(4)])
+    assert _sharing_pays(long_prompts, 1)
+    # Ragged: a long prompt with a short answer beside a short prompt with a long answer.
+    ragged = collate(
+        [
+            PairExample(tuple(range(1, 41)), (41,), (42,)),
+            PairExample((1,), tuple(range(2, 42)), (3,)),
+        ]
+    )
+    assert not _sharing_pays(ragged, 1)

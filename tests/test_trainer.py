@@ -45,7 +45,7 @@ def comparable(records: list[dict]) -> list[dict]:
 
 
 def test_training_lowers_the_loss_on_its_data(make_config):
-    trainer = Trainer(make_config(max_steps=8, eval_every=100), verbose=False)
+    trainer = Trainer(make_config(max_steps=12, eval_every=100, learning_rate=2e-3), verbose=False)
     before = trainer.evaluate(trainer.train_set)["eval/loss"]
     trainer.train()
     after = trainer.evaluate(trainer.train_set)["eval/loss"]
@@ -295,7 +295,7 @@ def test_every_init_template_runs(template, tiny_model, prefs, tmp_path, monkeyp
 
 
 def test_grad_checkpointing_and_compile_leave_the_step_unchanged(make_config, tmp_path):
-    results = {}
+    results, batches = {}, None
     for name, extra in {
         "plain": {},
         "checkpointed": {"grad_checkpoint": True},
@@ -303,7 +303,8 @@ def test_grad_checkpointing_and_compile_leave_the_step_unchanged(make_config, tm
         "unshared": {"share_prompt": False},
     }.items():
         trainer = Trainer(make_config(output=str(tmp_path / name), **extra), verbose=False)
-        results[name] = trainer.train_step(trainer._step_batches(0)).metrics
+        batches = batches or trainer._step_batches(0)  # the same examples for every variant
+        results[name] = trainer.train_step(batches).metrics
     for name in ("checkpointed", "compiled", "unshared"):
         assert results[name]["loss"] == pytest.approx(results["plain"]["loss"], rel=1e-6)
         assert results[name]["grad_norm"] == pytest.approx(results["plain"]["grad_norm"], rel=1e-4)
