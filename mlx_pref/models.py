@@ -100,37 +100,25 @@ def quantize_base(model: nn.Module, bits: int) -> None:
 
 
 def dequantize_model(model: nn.Module) -> None:
-    """Replace quantized layers by float ones (same values, float32)."""
+    """Replace quantized layers by float ones (the same values, float32)."""
     from mlx.utils import tree_unflatten
 
     layers = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.QuantizedLinear):
-            weight = mx.dequantize(
-                module.weight,
-                module.scales,
-                module.biases,
-                module.group_size,
-                module.bits,
-                mode=module.mode,
-            )
-            linear = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
-            linear.weight = weight
+        if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            continue
+        weight = mx.dequantize(
+            module.weight, module.scales, module.biases, module.group_size, module.bits,
+            mode=module.mode,
+        )  # fmt: skip
+        if isinstance(module, nn.QuantizedEmbedding):
+            layer = nn.Embedding(weight.shape[0], weight.shape[1])
+        else:
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
             if "bias" in module:
-                linear.bias = module.bias
-            layers.append((name, linear))
-        elif isinstance(module, nn.QuantizedEmbedding):
-            weight = mx.dequantize(
-                module.weight,
-                module.scales,
-                module.biases,
-                module.group_size,
-                module.bits,
-                mode=module.mode,
-            )
-            embedding = nn.Embedding(weight.shape[0], weight.shape[1])
-            embedding.weight = weight
-            layers.append((name, embedding))
+                layer.bias = module.bias
+        layer.weight = weight
+        layers.append((name, layer))
     if layers:
         model.update_modules(tree_unflatten(layers))
 

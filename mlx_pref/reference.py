@@ -156,11 +156,15 @@ class Reference:
         """LD-DPO: summarise pairs as the policy does, so both sides match."""
         self.share_prompt = share_prompt
 
-    def score(self, model: nn.Module, batch: Batch):
-        return sequence_logps(model, batch, share_prompt=self.share_prompt)
-
     def logps(self, batch: Batch, split: str = "train") -> mx.array | None:
-        return None
+        """Summed completion log-probs of every row of ``batch`` under the reference."""
+        with self.as_model() as model:
+            if model is None:
+                return None
+            seq = sequence_logps(model, batch, share_prompt=self.share_prompt)
+            out = mx.stop_gradient(row_logps(seq, batch, self.ld_alpha))
+            mx.eval(out)
+        return out
 
     def live_logps(self, batch: Batch) -> mx.array | None:
         """Computed now, never from a cache (rows no dataset holds, e.g. KTO's KL pairs)."""
@@ -214,12 +218,6 @@ class LiveReference(Reference):
         with reference_weights(self.model, self._weights):
             yield self.model
 
-    def logps(self, batch: Batch, split: str = "train") -> mx.array:
-        with reference_weights(self.model, self._weights):
-            out = mx.stop_gradient(row_logps(self.score(self.model, batch), batch, self.ld_alpha))
-            mx.eval(out)
-        return out
-
 
 class SeparateModel(Reference):
     """A separate frozen reference model (``ref_model``)."""
@@ -240,11 +238,6 @@ class SeparateModel(Reference):
     @contextmanager
     def as_model(self) -> Iterator[nn.Module]:
         yield self.model
-
-    def logps(self, batch: Batch, split: str = "train") -> mx.array:
-        out = mx.stop_gradient(row_logps(self.score(self.model, batch), batch, self.ld_alpha))
-        mx.eval(out)
-        return out
 
 
 class CachedReference(Reference):
