@@ -20,6 +20,7 @@ from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
+from mlx_pref.checkpoint import write_atomic
 from mlx_pref.config import LoraConfig
 from mlx_pref.errors import ModelError
 
@@ -85,15 +86,19 @@ def adapter_parameters(model: nn.Module) -> dict[str, mx.array]:
 
 
 def set_adapter_parameters(model: nn.Module, weights: dict[str, mx.array]) -> None:
-    model.load_weights(list(weights.items()), strict=False)
+    """Replace adapter arrays by name (a blended reference adapter may have a higher rank)."""
+    model.update(tree_unflatten(list(weights.items())))
 
 
 def save_adapters(model: nn.Module, directory: str | Path, config: dict) -> None:
-    """Write ``adapters.safetensors`` and ``adapter_config.json`` (mlx-lm format)."""
+    """Write ``adapters.safetensors`` and ``adapter_config.json`` (mlx-lm format), each
+    atomically, so a crash never leaves a half-written adapter."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(directory / ADAPTER_FILE), adapter_parameters(model))
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    weights = adapter_parameters(model)
+    write_atomic(directory / ADAPTER_FILE, lambda tmp: mx.save_safetensors(str(tmp), weights))
+    text = json.dumps(config, indent=2) + "\n"
+    write_atomic(directory / ADAPTER_CONFIG, lambda tmp: tmp.write_text(text))
 
 
 def load_adapter_weights(directory: str | Path) -> tuple[dict, dict[str, mx.array]]:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 CHECKPOINTS = "checkpoints"
@@ -37,13 +38,29 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    """Create or replace ``path`` so that readers see the old file or the new one, whole:
+    ``write(tmp)`` fills a temporary file beside it, which is fsynced and renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    write(tmp)
+    _fsync(tmp)
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINTS / f"step-{step:08d}"
 
 
-def write_checkpoint(run_dir: Path, step: int, write_files, keep_last: int | None) -> Path:
-    """Atomically create the checkpoint for ``step``; ``write_files(tmp_dir)`` fills it."""
+def write_checkpoint(
+    run_dir: Path, step: int, write_files: Callable[[Path], None], keep_last: int | None
+) -> Path:
+    """Atomically create the checkpoint for ``step``; ``write_files(tmp_dir)`` fills it.
+    An intact checkpoint for the step is kept as it is."""
     final = checkpoint_dir(run_dir, step)
+    if final.exists() and verify(final) is None:
+        return final
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -91,7 +108,7 @@ def verify(path: Path) -> str | None:
     return None
 
 
-def latest_valid(run_dir: Path, warn=print) -> Path | None:
+def latest_valid(run_dir: Path, warn: Callable[[str], None] = print) -> Path | None:
     """The newest intact checkpoint; damaged ones are reported and skipped."""
     for path in reversed(list_checkpoints(run_dir)):
         problem = verify(path)
@@ -99,6 +116,13 @@ def latest_valid(run_dir: Path, warn=print) -> Path | None:
             return path
         warn(f"warning: skipping damaged checkpoint {path}: {problem}")
     return None
+
+
+def remove_after(run_dir: Path, step: int) -> None:
+    """Delete checkpoints past ``step`` (a run resumed from an older one rewrites them)."""
+    for path in list_checkpoints(run_dir):
+        if int(path.name.split("-")[1]) > step:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def read_state(path: Path) -> dict:

@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 import click
+import mlx.core as mx
 
 import mlx_pref  # noqa: F401  (loads the fast BLAS before mlx.core)
 from mlx_pref import backend
-from mlx_pref.errors import MlxPrefError
+from mlx_pref.errors import Interrupted, MlxPrefError
 
 # Flag name -> config key. Flags override the config file.
 TRAIN_FLAGS = {
@@ -39,6 +40,24 @@ TRAIN_FLAGS = {
     "push_to_hub": "push_to_hub",
     "private": "hub_private",
 }
+
+
+RESUME_OUTPUT = "<the config's output>"
+
+
+def remove_run(path: Path) -> None:
+    """``--overwrite``: delete a previous run, and nothing that does not look like one."""
+    if not path.exists():
+        return
+    markers = ("config.yaml", "checkpoints", "metrics.jsonl", "adapters.safetensors")
+    is_run = any((path / m).exists() for m in markers) or any(
+        (sub / "config.yaml").exists() for sub in path.iterdir() if sub.is_dir()
+    )  # a sweep holds runs
+    if not is_run:
+        raise MlxPrefError(f"--overwrite only replaces an mlx-pref run; {path} is not one")
+    if backend.distributed_group().rank() == 0:
+        shutil.rmtree(path)
+    backend.all_sum(mx.array(0.0)).item()  # every process waits until it is gone
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -82,7 +101,7 @@ def cli() -> None:
 @click.option(
     "--resume",
     is_flag=False,
-    flag_value=".",
+    flag_value=RESUME_OUTPUT,
     default=None,
     metavar="[DIR]",
     help="Continue the run in DIR (default: the config's output) from its last checkpoint.",
@@ -96,24 +115,25 @@ def train(config, resume, overwrite, quiet, **flags) -> None:
     embedded tiny model on the embedded preference data with DPO.
     """
     from mlx_pref.config import load_config
-    from mlx_pref.trainer import Trainer, sweep, sweep_table
+    from mlx_pref.sweep import sweep, sweep_table
+    from mlx_pref.trainer import Trainer
 
+    if resume and resume.endswith((".yaml", ".yml")) and Path(resume).is_file():
+        raise MlxPrefError(
+            f"--resume takes a run directory, not a config; for this config write: "
+            f"mlx-pref train {resume} --resume"
+        )
     overrides = {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
-    cfg = load_config(config, overrides) if resume is None else None
-    if cfg is not None and cfg.sweep:
-        if overwrite and Path(cfg.output).exists():
-            shutil.rmtree(cfg.output)
-        results = sweep(cfg, verbose=not quiet)
-        click.echo(sweep_table(results))
+    cfg = load_config(config, overrides)
+    if overwrite:
+        remove_run(Path(cfg.output))
+    if cfg.sweep:  # finished sub-runs are skipped and interrupted ones resumed
+        click.echo(sweep_table(sweep(cfg, verbose=not quiet)))
         return
     if resume is not None:
-        run_dir = resume
-        if resume == ".":
-            run_dir = load_config(config, overrides).output
+        run_dir = cfg.output if resume == RESUME_OUTPUT else resume
         trainer = Trainer.resume(run_dir, overrides, verbose=not quiet)
     else:
-        if overwrite and Path(cfg.output).exists():
-            shutil.rmtree(cfg.output)
         trainer = Trainer(cfg, verbose=not quiet)
     final = trainer.train()
     if not quiet:
@@ -355,7 +375,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except MlxPrefError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(130 if type(exc).__name__ == "Interrupted" else 2)
+        sys.exit(130 if isinstance(exc, Interrupted) else 2)
 
 
 if __name__ == "__main__":

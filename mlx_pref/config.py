@@ -257,8 +257,11 @@ class Config:
         return out
 
     def save(self, path: str | Path) -> None:
-        """Write the resolved config as YAML (reloads with ``load_config``)."""
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the resolved config as YAML, atomically (reloads with ``load_config``)."""
+        from mlx_pref.checkpoint import write_atomic
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        write_atomic(Path(path), lambda tmp: tmp.write_text(text))
 
 
 def _choice(key: str, value: Any, choices: tuple) -> None:

@@ -15,3 +15,11 @@ class DataError(MlxPrefError, ValueError):
 
 class ModelError(MlxPrefError):
     """A model or adapter cannot be loaded (missing, offline, unsupported)."""
+
+
+class Interrupted(MlxPrefError):
+    """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume."""
+
+
+class NonFiniteError(MlxPrefError):
+    """Too many non-finite steps in a row: a checkpoint was saved before stopping."""

@@ -244,6 +244,8 @@ def export_run(
     output = Path(output) if output is not None else default_output(run_dir, fmt)
     _check_output(output, run, overwrite)
     info = identify_base(run.config, base)
+    # An adapter trained on dequantized weights is fused into dequantized weights.
+    dequantize = dequantize or (fmt == "fused" and run.config.dequantize)
     writer = {"mlx": write_mlx, "peft": write_peft, "fused": write_fused}[fmt]
     return _write_folder(
         output, lambda tmp: writer(run, info, tmp, Destination(output, repo_id), dequantize)

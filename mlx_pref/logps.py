@@ -9,6 +9,7 @@ chunks, so no (N, T, V) logits tensor or log_softmax copy is ever built.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ from mlx_pref.losses import ld_sequence_logps, wpo_pair_weights
 
 # Architectures whose forward is exactly ``head(model.model(tokens))``: for these the
 # head can be applied to gathered positions only. Others fall back to full logits.
+# Prompt sharing needs mlx-lm's cache mask hook with left padding (mlx-lm 0.28+); without
+# it every batch takes the concatenated forward.
+PREFIX_MASKS = "left_padding" in inspect.signature(create_causal_mask).parameters
 SPLIT_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"}
 HEAD_CHUNK_ROWS = 1024
 
@@ -140,11 +144,13 @@ def sequence_logps(
     """
     split = split_lm(model)
     multiple = sequence_multiple()
-    possible = split is not None and batch.paired and batch.prompt_lengths.min() > 0
+    possible = (
+        PREFIX_MASKS and split is not None and batch.paired and batch.prompt_lengths.min() > 0
+    )
     if possible and (share_prompt == "always" or (share_prompt and _sharing_pays(batch, multiple))):
         return _shared_prompt_logps(*split, batch, with_p2, multiple)
     if (batch.tokens.shape[1] - 1) % multiple:  # padding after every row's end changes nothing
-        width = -(-(batch.tokens.shape[1] - 1) // multiple) * multiple + 1
+        width = _round_up(batch.tokens.shape[1] - 1, multiple) + 1
         padded = np.zeros((len(batch.tokens), width), dtype=batch.tokens.dtype)
         padded[:, : batch.tokens.shape[1]] = batch.tokens
         batch = dataclasses.replace(batch, tokens=padded)

@@ -46,6 +46,8 @@ class LoadedModel:
     config: dict
     notes: list[str] = field(default_factory=list)
     """Things the user should know (a fallback taken), for the trainer to log."""
+    quantization_bits: int | None = None
+    """The quantization actually applied to a float base (None if none, or if it fell back)."""
 
 
 def resolve_model_path(spec: str | None) -> Path:
@@ -82,7 +84,7 @@ def resolve_model_path(spec: str | None) -> Path:
         ) from None
 
 
-def _quantizable(bits: int):
+def _quantizable():
     def predicate(path: str, module: nn.Module) -> bool:
         weight = getattr(module, "weight", None)
         return (
@@ -96,31 +98,7 @@ def _quantizable(bits: int):
 
 def quantize_base(model: nn.Module, bits: int) -> None:
     """Quantize the base weights in place (QLoRA); LoRA layers then wrap QuantizedLinear."""
-    nn.quantize(model, group_size=QUANT_GROUP_SIZE, bits=bits, class_predicate=_quantizable(bits))
-
-
-def dequantize_model(model: nn.Module) -> None:
-    """Replace quantized layers by float ones (the same values, float32)."""
-    from mlx.utils import tree_unflatten
-
-    layers = []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            continue
-        weight = mx.dequantize(
-            module.weight, module.scales, module.biases, module.group_size, module.bits,
-            mode=module.mode,
-        )  # fmt: skip
-        if isinstance(module, nn.QuantizedEmbedding):
-            layer = nn.Embedding(weight.shape[0], weight.shape[1])
-        else:
-            layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
-            if "bias" in module:
-                layer.bias = module.bias
-        layer.weight = weight
-        layers.append((name, layer))
-    if layers:
-        model.update_modules(tree_unflatten(layers))
+    nn.quantize(model, group_size=QUANT_GROUP_SIZE, bits=bits, class_predicate=_quantizable())
 
 
 def enable_grad_checkpoint(model: nn.Module) -> None:
@@ -180,8 +158,8 @@ def load_model(
             raise ModelError(str(exc)) from None
         path = Path(spec)
     else:
+        from mlx_lm.utils import dequantize_model, load_tokenizer
         from mlx_lm.utils import load_model as mlx_load_model
-        from mlx_lm.utils import load_tokenizer
 
         path = resolve_model_path(spec)
         try:
@@ -190,18 +168,20 @@ def load_model(
             raise ModelError(f"cannot load the model in {path}: {exc}") from None
         tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
         if dequantize:
-            dequantize_model(model)
+            model = dequantize_model(model)
     if dtype is not None:
         cast_floats(model, getattr(mx, dtype))
     notes = []
+    applied = None
     if quantization_bits is not None:
         try:
             quantize_base(model, quantization_bits)
             mx.eval(model.parameters())
+            applied = quantization_bits
         except (RuntimeError, ValueError) as exc:  # a mode this backend lacks
             notes.append(
                 f"warning: {quantization_bits}-bit quantization is not available here ({exc}); "
                 "training the unquantized base instead"
             )
     mx.eval(model.parameters())
-    return LoadedModel(model, tokenizer, path, config, notes)
+    return LoadedModel(model, tokenizer, path, config, notes, applied)

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from mlx_pref.checkpoint import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -26,7 +28,7 @@ class MetricsLog:
         self.enabled = enabled
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (a resumed run rewrites them identically)."""
+        """Drop records past ``step``: a run resumed from that step writes them again."""
         if not (self.enabled and self.path.exists()):
             return
         keep = []
@@ -36,7 +38,8 @@ class MetricsLog:
                     keep.append(line)
             except json.JSONDecodeError:
                 break  # a line cut by a crash ends the usable log
-        self.path.write_text("".join(line + "\n" for line in keep))
+        text = "".join(line + "\n" for line in keep)
+        write_atomic(self.path, lambda tmp: tmp.write_text(text))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -23,7 +23,6 @@ recomputed on next use.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,10 +30,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_unflatten
 
-from mlx_pref.adapters import adapter_parameters, adapters_disabled
+from mlx_pref.adapters import adapter_parameters, adapters_disabled, set_adapter_parameters
 from mlx_pref.backend import all_sum, distributed_group
+from mlx_pref.checkpoint import write_atomic
 from mlx_pref.data.batching import Batch, iterate_batches
 from mlx_pref.logps import row_logps, sequence_logps
 from mlx_pref.progress import Progress
@@ -49,16 +48,26 @@ def _hash_arrays(digest, arrays: dict[str, mx.array]) -> None:
         digest.update(np.asarray(arrays[name].astype(mx.float32)).tobytes())
 
 
+_fingerprints: dict[tuple, str] = {}
+
+
 def model_fingerprint(model_path: Path) -> str:
-    """SHA-256 over the model's weight files (content, not names or dates)."""
-    files = [model_path] if model_path.is_file() else sorted(model_path.glob("*.safetensors"))
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    """SHA-256 over the model's weight files and config.json (content, not names or dates);
+    remembered per file size and modification time within a process."""
+    if model_path.is_file():
+        files = [model_path]
+    else:
+        files = sorted(model_path.glob("*.safetensors")) + sorted(model_path.glob("config.json"))
+    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _fingerprints:
+        digest = hashlib.sha256()
+        for file in files:
+            digest.update(file.name.encode())
+            with open(file, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    digest.update(block)
+        _fingerprints[key] = digest.hexdigest()
+    return _fingerprints[key]
 
 
 def dataset_fingerprint(examples) -> str:
@@ -76,11 +85,6 @@ def dataset_fingerprint(examples) -> str:
     return digest.hexdigest()
 
 
-def set_weights(model: nn.Module, weights: dict[str, mx.array]) -> None:
-    """Replace adapter arrays by name (shapes may differ: a mixed reference has higher rank)."""
-    model.update(tree_unflatten(list(weights.items())))
-
-
 @contextmanager
 def reference_weights(model: nn.Module, weights: dict[str, mx.array] | None) -> Iterator[None]:
     """Evaluate ``model`` as the reference: adapters off, or swapped for ``weights``."""
@@ -92,11 +96,11 @@ def reference_weights(model: nn.Module, weights: dict[str, mx.array] | None) -> 
                 yield
         else:
             saved = adapter_parameters(model)
-            set_weights(model, weights)
+            set_adapter_parameters(model, weights)
             try:
                 yield
             finally:
-                set_weights(model, saved)
+                set_adapter_parameters(model, saved)
     finally:
         model.train(was_training)
 
@@ -300,13 +304,24 @@ class CachedReference(Reference):
             return self.values[split]
         dataset = self.datasets[split]
         path = self.path_for(split)
+        shape = (len(dataset), 2) if dataset.paired else (len(dataset),)
+        values = None
         if path.exists():
             try:
-                self.values[split] = np.asarray(mx.load(str(path))["logps"])
-                self.log(f"reference log-probs for {split}: cache hit {path}")
-                return self.values[split]
+                values = np.asarray(mx.load(str(path))["logps"])
             except (RuntimeError, ValueError, KeyError):
+                values = None
+            if values is None or values.shape != shape:
                 self.log(f"warning: unreadable reference cache {path}; recomputing")
+                values = None
+        # Every process must agree to load or to compute (computing is collective).
+        group = distributed_group()
+        if group.size() > 1 and float(all_sum(mx.array(float(values is not None)))) < group.size():
+            values = None
+        if values is not None:
+            self.values[split] = values
+            self.log(f"reference log-probs for {split}: cache hit {path}")
+            return values
         values = self._compute(dataset, split)
         self._store(path, values, dataset)
         self.values[split] = values
@@ -337,10 +352,9 @@ class CachedReference(Reference):
         if distributed_group().rank() != 0:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.safetensors")
         meta = {"format": CACHE_FORMAT, "dataset": dataset.name, "examples": str(len(dataset))}
-        mx.save_safetensors(str(tmp), {"logps": mx.array(values)}, metadata=meta)
-        os.replace(tmp, path)
+        arrays = {"logps": mx.array(values)}
+        write_atomic(path, lambda tmp: mx.save_safetensors(str(tmp), arrays, metadata=meta))
         self.log(f"reference log-probs for {dataset.name} cached at {path}")
 
     def live_logps(self, batch: Batch) -> mx.array:

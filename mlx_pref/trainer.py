@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx_lm.tuner.utils import load_adapters
 
 from mlx_pref import backend
 from mlx_pref.adapters import (
@@ -40,12 +40,13 @@ from mlx_pref.checkpoint import (
     latest_valid,
     list_checkpoints,
     read_state,
+    remove_after,
     write_checkpoint,
 )
 from mlx_pref.config import RUN_CONFIG, Config, load_config
-from mlx_pref.data import Batch, Dataset, UnpairedExample, collate, load_datasets
-from mlx_pref.data.batching import batch_order
-from mlx_pref.errors import ConfigError, MlxPrefError
+from mlx_pref.data import Batch, Dataset, collate, load_datasets
+from mlx_pref.data.batching import batch_order, mismatched
+from mlx_pref.errors import ConfigError, Interrupted, NonFiniteError
 from mlx_pref.logps import row_logps, sequence_logps, set_compile, split_lm, wpo_weights
 from mlx_pref.losses import (
     LossState,
@@ -74,16 +75,10 @@ from mlx_pref.reference import (
 OPTIMIZER_FILE = "optimizer.safetensors"
 REF_ADAPTER_FILE = "reference_adapters.safetensors"
 SAMPLES_FILE = "samples.jsonl"
+RESUMABLE = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "keep_last"}
+"""Settings a resumed run may change: none alters the steps already taken."""
 LOG_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_sec")
 EVAL_KEYS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
-
-
-class Interrupted(MlxPrefError):
-    """Ctrl-C: a checkpoint was saved; the message says how to resume."""
-
-
-class NonFiniteError(MlxPrefError):
-    """Too many non-finite steps in a row: a checkpoint was saved before stopping."""
 
 
 @dataclass
@@ -102,17 +97,6 @@ class BatchContext:
     udm: mx.array | None = None
 
 
-def mismatched_batch(batch: Batch) -> Batch:
-    """KTO's KL rows: each row's prompt with the previous row's completion."""
-    rows = []
-    for i in range(len(batch.lengths)):
-        j = i - 1
-        prompt = tuple(batch.tokens[i, : batch.prompt_lengths[i]].tolist())
-        completion = tuple(batch.tokens[j, batch.prompt_lengths[j] : batch.lengths[j]].tolist())
-        rows.append(UnpairedExample(prompt, completion, True))
-    return collate(rows, np.arange(len(rows)))
-
-
 def lr_schedule(cfg: Config, total_steps: int) -> Callable[[mx.array], mx.array]:
     """Linear warmup from 0, then constant, linear decay to 0, or cosine decay to 0."""
     peak, warm = cfg.learning_rate, min(cfg.warmup_steps, total_steps)
@@ -127,15 +111,24 @@ def lr_schedule(cfg: Config, total_steps: int) -> Callable[[mx.array], mx.array]
     return optim.join_schedules([optim.linear_schedule(0.0, peak, warm), decay], [warm])
 
 
+def _mean(x: mx.array) -> mx.array:
+    """Mean that is 0, not NaN, for an empty side (an unpaired batch with one label only)."""
+    return x.sum() / max(x.size, 1)
+
+
 def batch_metrics(
-    chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, paired: bool
-) -> dict:
+    chosen_rewards: mx.array,
+    rejected_rewards: mx.array,
+    chosen_logps: mx.array,
+    rejected_logps: mx.array,
+    paired: bool,
+) -> dict[str, mx.array]:
     """TRL's reward and log-prob metrics for one batch (means over its rows)."""
     out = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "logps/chosen": chosen_logps.mean(),
-        "logps/rejected": rejected_logps.mean(),
+        "rewards/chosen": _mean(chosen_rewards),
+        "rewards/rejected": _mean(rejected_rewards),
+        "logps/chosen": _mean(chosen_logps),
+        "logps/rejected": _mean(rejected_logps),
     }
     if paired:
         out["rewards/accuracies"] = (chosen_rewards > rejected_rewards).astype(mx.float32).mean()
@@ -171,6 +164,7 @@ class Trainer:
             dequantize=cfg.dequantize,
         )
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        backend.set_wired_limit()  # Metal: keep the weights resident between steps
         for note in self.loaded.notes:
             self._log(note)
         self.adapter_config, sft_weights = self._attach_adapters()
@@ -178,6 +172,7 @@ class Trainer:
             enable_grad_checkpoint(self.model)
         set_compile(cfg.compile)
         self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer)
+        self._orders: dict[int, list[np.ndarray]] = {}
         self.loss_weights = parse_loss(cfg.loss)
         self.loss_specs = [get_loss(name) for name in self.loss_weights]
         paired_only = [s.name for s in self.loss_specs if s.paired]
@@ -187,9 +182,34 @@ class Trainer:
                 f"{self.train_set.name} holds unpaired rows (prompt/completion/label): "
                 "use loss: bco or kto"
             )
-        if cfg.use_weighting and not self.train_set.paired:
-            raise ConfigError("use_weighting (WPO) weights pairs: it needs paired data")
+        for name, dataset in (("eval_data", self.eval_set),):
+            if dataset is not None and dataset.paired != self.train_set.paired:
+                raise ConfigError(
+                    f"{name} {dataset.name} is {'paired' if dataset.paired else 'unpaired'} but "
+                    f"the training data is {'paired' if self.train_set.paired else 'unpaired'}"
+                )
+        if (cfg.use_weighting or cfg.ld_alpha is not None) and not self.train_set.paired:
+            raise ConfigError(
+                "use_weighting (WPO) and ld_alpha (LD-DPO) weigh pairs: they need paired data"
+            )
+        if cfg.sync_ref_model and cfg.ref_model_mixup_alpha < 1 and cfg.lora.dora:
+            raise ConfigError(
+                "TR-DPO blends (ref_model_mixup_alpha < 1) are not defined for DoRA adapters; "
+                "use ref_model_mixup_alpha: 1.0 or LoRA"
+            )
+        if cfg.push_to_hub:  # fail now, not after hours of training
+            from mlx_pref.export import ExportError, validate_repo_id
+
+            try:
+                validate_repo_id(cfg.push_to_hub)
+            except ExportError as exc:
+                raise ConfigError(str(exc)) from None
         self.loss_state = LossState()
+        self.reference_free = not any(s.needs_reference for s in self.loss_specs) or bool(
+            cfg.loss_params.get("reference_free")
+        )
+        self.kto_kl = "kto" in self.loss_weights
+        self._check_loss_options()
         self.steps_per_epoch = math.ceil(len(self._epoch_batches(0)) / cfg.grad_accum)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{self.train_set.name}: too few examples for {self.world} processes")
@@ -203,6 +223,8 @@ class Trainer:
             learning_rate=lr_schedule(cfg, self.total_steps), weight_decay=cfg.weight_decay
         )
         self.step = 0
+        self.window: list[dict] = []
+        """Per-step metrics since the last logged record (checkpointed: exact logs on resume)."""
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
         self.metrics_log = MetricsLog(self.run_dir, enabled=self.is_main)
@@ -215,38 +237,28 @@ class Trainer:
     def _attach_adapters(self) -> tuple[dict, dict | None]:
         """Fresh LoRA adapters, or (``adapter``) the SFT adapter to start from.
 
-        Returns the adapter config and, for an SFT start, a frozen copy of its weights
-        (the reference: TRL's ``ref_adapter_name``; the base is never copied).
+        An SFT adapter is rebuilt with its own settings (mlx-lm's loader checks that every
+        tensor fits), and a frozen copy of its weights becomes the reference (TRL's
+        ``ref_adapter_name``); the base is never copied.
         """
         cfg = self.config
+        self.model.freeze()
         if cfg.adapter is None:
-            return apply_lora(self.model, cfg.lora), None
-        config, weights = load_adapter_weights(cfg.adapter)
-        params = config.get("lora_parameters", {})
-        lora = type(cfg.lora)(
-            r=params.get("rank", cfg.lora.r),
-            alpha=params.get("scale", cfg.lora.scale) * params.get("rank", cfg.lora.r),
-            dropout=cfg.lora.dropout,
-            target_modules=sorted({k.split(".")[-1] for k in params.get("keys", [])})
-            or cfg.lora.target_modules,
-            layers=config.get("num_layers"),
-            dora=config.get("fine_tune_type") == "dora",
-        )
-        adapter_config = apply_lora(self.model, lora)
-        try:
-            self.model.load_weights(list(weights.items()), strict=False)
-            mx.eval(self.model.parameters())
-        except ValueError as exc:
-            raise ConfigError(f"adapter {cfg.adapter} does not fit the model: {exc}") from None
-        return adapter_config, adapter_parameters(self.model)
+            config = apply_lora(self.model, cfg.lora)
+        else:
+            config, _ = load_adapter_weights(cfg.adapter)  # clear errors for a bad directory
+            try:
+                load_adapters(self.model, cfg.adapter)
+            except (ValueError, KeyError) as exc:
+                raise ConfigError(f"adapter {cfg.adapter} does not fit the model: {exc}") from None
+        self.model.train()  # dropout on in the adapters; evaluation switches it off
+        mx.eval(self.model.parameters())
+        return config, (adapter_parameters(self.model) if cfg.adapter else None)
 
     def _make_reference(self, sft_weights: dict | None) -> Reference:
         """The reference strategy for this config, with the reason it was chosen."""
         cfg = self.config
-        needs = any(s.needs_reference for s in self.loss_specs) and not cfg.loss_params.get(
-            "reference_free", False
-        )
-        if not needs:
+        if self.reference_free:
             if cfg.ref_regen_epochs or cfg.sync_ref_model:
                 raise ConfigError(
                     f"loss {cfg.loss} is reference-free: ref_regen_epochs / sync_ref_model do not apply"
@@ -267,7 +279,10 @@ class Trainer:
                     "reference: adapters-off uses the policy's own base; drop ref_model"
                 )
             ref = load_model(
-                cfg.ref_model, quantization_bits=cfg.quantization_bits, dtype=cfg.dtype
+                cfg.ref_model,
+                quantization_bits=cfg.quantization_bits,
+                dtype=cfg.dtype,
+                dequantize=cfg.dequantize,
             )
             if (
                 ref.tokenizer.vocab_size != self.tokenizer.vocab_size
@@ -279,7 +294,7 @@ class Trainer:
             scorer: Reference = SeparateModel(
                 ref.model, "a separate reference model was given", cfg.ld_alpha, cfg.share_prompt
             )
-            identity = f"ref_model|{model_fingerprint(ref.path)}"
+            scored_by = ref
         else:
             if cfg.reference == "model":
                 raise ConfigError("reference: model needs ref_model (--ref-model DIR_OR_HUB_ID)")
@@ -295,7 +310,7 @@ class Trainer:
                 cfg.ld_alpha,
                 cfg.share_prompt,
             )
-            identity = f"base|{model_fingerprint(self.loaded.path)}"
+            scored_by = self.loaded
         live_refresh = cfg.sync_ref_model and cfg.ref_model_sync_steps < self.steps_per_epoch
         if cfg.reference == "cache" or (cfg.reference == "auto" and not live_refresh):
             cache_dir = (
@@ -304,7 +319,12 @@ class Trainer:
             reason = "reference log-probs are computed once per dataset and reused from disk"
             if cfg.reference == "auto":
                 reason = "auto: " + reason
-            base = f"{identity}|q{cfg.quantization}|{cfg.dtype}"
+            # Everything about the scoring model that changes its values (the examples and
+            # the reference adapter are added per dataset by the cache itself).
+            base = (
+                f"{scored_by.path.name}|{model_fingerprint(scored_by.path)}|"
+                f"q{scored_by.quantization_bits}|{cfg.dtype}|dequantize={cfg.dequantize}"
+            )
             return CachedReference(
                 scorer, base, cache_dir, reason, log=self._log, show_progress=self.verbose
             )
@@ -320,6 +340,34 @@ class Trainer:
         """β at the current step (the schedule is resolved against the real total steps)."""
         cfg = self.config
         return beta_at(self.step, self.total_steps, cfg.beta, cfg.beta_end, cfg.beta_schedule)
+
+    def _check_loss_options(self) -> None:
+        """Run the loss once on placeholder values, so that an option it rejects (an
+        f-divergence it does not take, WPO with AOT, a reference-free BCO, ...) is a config
+        error now rather than a traceback at the first step; and say which loss
+        parameters the selected losses do not use."""
+        cfg = self.config
+        one, pair = mx.zeros((1,)), mx.zeros((2,))
+        extra = {}
+        if cfg.use_weighting:
+            extra["policy_weights"] = mx.ones((1,))
+        if self.kto_kl:
+            extra["policy_kl_logps"] = extra["ref_kl_logps"] = pair
+        if cfg.bco_udm:
+            extra["udm_weights"] = mx.ones((1,))
+        ref = None if self.reference_free else one
+        try:
+            out = preference_loss(
+                cfg.loss, one, one, ref, ref, mx.ones((1,)), mx.ones((1,)), beta=cfg.beta,
+                label_smoothing=cfg.label_smoothing, state=LossState(), train=False,
+                **extra, **cfg.loss_params,
+            )  # fmt: skip
+            mx.eval(out.loss)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"loss {cfg.loss}: {exc}") from None
+        used = {k for spec in self.loss_specs for k in spec.params}
+        for key in sorted(set(cfg.loss_params) - used):
+            self._log(f"note: {key} has no effect on loss {cfg.loss}")
 
     # ------------------------------------------------------------------ BCO UDM
     def _prompt_embeddings(self, prompts: list[tuple[int, ...]]) -> np.ndarray:
@@ -357,25 +405,30 @@ class Trainer:
         good, bad = rows(self.train_set)
         take_good = sample_prompt_indices(len(good), cfg.prompt_sample_size, seed=cfg.seed)
         take_bad = sample_prompt_indices(len(bad), cfg.prompt_sample_size, seed=cfg.seed + 1)
-        clf = fit_density_ratio_classifier(
+        self.udm_classifier = fit_density_ratio_classifier(
             self._prompt_embeddings([good[i] for i in take_good]),
             self._prompt_embeddings([bad[i] for i in take_bad]),
         )
-        for split, dataset in (("train", self.train_set), ("eval", self.eval_set)):
-            if dataset is None:
-                continue
-            emb = self._prompt_embeddings([e.prompt for e in dataset.examples])
-            weights = density_ratio_weights(
-                clf,
-                emb,
-                min_density_ratio=cfg.min_density_ratio,
-                max_density_ratio=cfg.max_density_ratio,
-            )
-            self.udm[split] = np.asarray(weights)
+        weights = self._udm_weights("train", self.train_set)
         self._log(
-            f"bco_udm: density-ratio weights fitted on {len(take_good)} + {len(take_bad)} prompts "
-            f"(train mean weight {self.udm['train'].mean():.3f})"
+            f"bco_udm: density-ratio classifier fitted on {len(take_good)} + {len(take_bad)} "
+            f"prompts (mean weight on the training prompts {weights.mean():.3f})"
         )
+
+    def _udm_weights(self, split: str, dataset: Dataset) -> np.ndarray:
+        """The UDM weight of each example's prompt in ``dataset`` (computed once per split)."""
+        if split not in self.udm:
+            cfg = self.config
+            emb = self._prompt_embeddings([e.prompt for e in dataset.examples])
+            self.udm[split] = np.asarray(
+                density_ratio_weights(
+                    self.udm_classifier,
+                    emb,
+                    min_density_ratio=cfg.min_density_ratio,
+                    max_density_ratio=cfg.max_density_ratio,
+                )
+            )
+        return self.udm[split]
 
     def _shard(self, dataset: Dataset, seed: int, epoch: int, drop_short: bool) -> list[np.ndarray]:
         """This process's share of each batch: the epoch is ordered in global batches of
@@ -403,7 +456,10 @@ class Trainer:
         return np.array([e.length for e in dataset.examples])
 
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        return self._shard(self.train_set, self.config.seed, epoch, drop_short=True)
+        """This process's batches of training epoch ``epoch`` (the last epoch's is kept)."""
+        if epoch not in self._orders:
+            self._orders = {epoch: self._shard(self.train_set, self.config.seed, epoch, True)}
+        return self._orders[epoch]
 
     def _step_batches(self, step: int) -> list[Batch]:
         """The micro-batches of optimizer step ``step`` (0-based), a pure function of it."""
@@ -420,10 +476,12 @@ class Trainer:
         """Reference log-probs, KTO's KL terms and UDM weights for a batch (no gradient)."""
         ctx = BatchContext(ref=self.reference.logps(batch, split))
         if self.kto_kl:
-            kl_batch = mismatched_batch(batch)
+            kl_batch = mismatched(batch)
             ctx.policy_kl = mx.stop_gradient(sequence_logps(self.model, kl_batch).sums)
             ctx.ref_kl = self.reference.live_logps(kl_batch)
-        if self.udm_classifier is not None:
+        if self.config.bco_udm:
+            if self.udm_classifier is None:
+                self._fit_udm()
             weights = self._udm_weights(split, dataset)[batch.indices]
             ctx.udm = mx.array(weights if batch.paired else weights[~batch.labels])
         return ctx
@@ -482,6 +540,7 @@ class Trainer:
         # Weights n_b / n_total over every micro-batch of every process: the step's
         # gradient and metrics are those of one big batch.
         total = float(backend.all_sum(mx.array(sum(b.num_examples for b in batches), mx.float32)))
+        loss_state = self.loss_state.state_dict()  # restored if the step is skipped
         grads, metrics = None, {}
         for batch in batches:
             ctx = self._context(batch, "train", self.train_set)
@@ -506,7 +565,8 @@ class Trainer:
             self.optimizer.update(self.model, grads)
             mx.eval(self.model.trainable_parameters(), self.optimizer.state)
             self.nonfinite_in_a_row = 0
-        else:  # skip the update: the weights stay as they were
+        else:  # skip the update: weights and running loss statistics stay as they were
+            self.loss_state.load_state_dict(loss_state)
             self.nonfinite_in_a_row += 1
             self.skipped_steps += 1
         out["skipped_steps"] = self.skipped_steps
@@ -537,22 +597,27 @@ class Trainer:
             return {}
         if split == "custom":
             self.reference.attach({"custom": dataset})
-        if len(dataset) < self.world:
+            self.udm.pop("custom", None)
+        # With several processes, a last batch too small to give each one a row is left
+        # out: every process must take part in every collective.
+        order = self._shard(dataset, seed=0, epoch=0, drop_short=True)
+        if not order:
             raise ConfigError(f"{dataset.name}: fewer eval examples than processes ({self.world})")
-        order = self._shard(dataset, seed=0, epoch=0, drop_short=False)
         if self.config.eval_batches:
             order = order[: self.config.eval_batches]
         sums: dict[str, mx.array] = {}
-        for idx in order:
-            if len(idx) == 0:  # this process's slice of a short last batch
-                continue
-            batch = collate([dataset.examples[i] for i in idx], idx)
-            ctx = self._context(batch, split, dataset)
-            loss, metrics = self._forward(batch, ctx, train=False)
-            n = batch.num_examples
-            for k, v in {"loss": loss, "count": mx.array(1.0), **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + n * v
-            mx.eval(sums)
+        self.model.eval()
+        try:
+            for idx in order:
+                batch = collate([dataset.examples[i] for i in idx], idx)
+                ctx = self._context(batch, split, dataset)
+                loss, metrics = self._forward(batch, ctx, train=False)
+                n = batch.num_examples
+                for k, v in {"loss": loss, "count": mx.array(1.0), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + n * v
+                mx.eval(sums)
+        finally:
+            self.model.train()
         if self.world > 1:
             sums = self._sum_metrics(sums)
         count = float(sums.pop("count"))
@@ -580,21 +645,17 @@ class Trainer:
         )
         self._log(f"reference: {describe(self.reference)}")
         self.reference.prepare({"train": self.train_set, "eval": self.eval_set})
-        if cfg.bco_udm and self.udm_classifier is None:
-            self._fit_udm()
-        window: list[dict] = []
         last: dict[str, float] = {}
-        previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._on_sigint)
+        previous = self._install_signal_handlers()
         try:
             while self.step < self.total_steps:
                 self._refresh_reference()
                 result = self.train_step(self._step_batches(self.step))
-                window.append(result.metrics)
+                self.window.append(result.metrics)
                 self.progress.update(self.step, result.metrics)
                 if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    last = self._log_window(window)
-                    window = []
+                    last = self._log_window(self.window)
+                    self.window = []
                 if self.step % cfg.eval_every == 0 or self.step == self.total_steps:
                     last.update(self._log_eval())
                 if self.nonfinite_in_a_row >= cfg.max_nonfinite:
@@ -607,14 +668,15 @@ class Trainer:
                     )
                 if self.step % cfg.save_every == 0 or self.step == self.total_steps:
                     self.save_checkpoint()
-                if self._interrupted:
+                if self._stop_requested():
                     self.save_checkpoint()
                     raise Interrupted(
                         f"interrupted at step {self.step}; checkpoint saved. Resume with: "
                         f"mlx-pref train --resume {self.run_dir}"
                     )
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             self.progress.close()
         if not self.is_main:
             return last
@@ -657,6 +719,7 @@ class Trainer:
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "skipped_steps": self.skipped_steps,
             "loss_state": self.loss_state.state_dict(),
+            "log_window": self.window,
         }
 
     def save_checkpoint(self) -> Path:
@@ -684,39 +747,77 @@ class Trainer:
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self.skipped_steps = state["skipped_steps"]
         self.loss_state.load_state_dict(state["loss_state"])
+        self.window = state["log_window"]
         mx.eval(self.model.parameters(), self.optimizer.state)
         self.metrics_log.truncate_after(self.step)
         self.samples_log.truncate_after(self.step)
         self.progress.start = self.step
 
     @classmethod
-    def resume(cls, run_dir: str | Path, overrides: dict | None = None, **kwargs) -> Trainer:
+    def resume(
+        cls, run_dir: str | Path, overrides: dict | None = None, *, verbose: bool = True
+    ) -> Trainer:
         """A trainer for the run in ``run_dir``, at its newest intact checkpoint.
 
-        ``overrides`` may extend the run (``max_steps``, ``epochs``) or change logging;
-        settings that would change the result of the steps already taken are refused.
+        ``overrides`` equal to the saved settings are fine (the original command with
+        ``--resume`` added works); changed ones may extend the run (``max_steps``,
+        ``epochs``, which also stretches the schedules from here on) or change logging and
+        checkpointing, and are saved into the run's config. Anything else is refused.
         """
         run_dir = Path(run_dir)
         if not (run_dir / RUN_CONFIG).exists():
             raise ConfigError(f"{run_dir} is not a run directory: {RUN_CONFIG} is missing")
-        overrides = dict(overrides or {})
-        allowed = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "keep_last"}
-        if set(overrides) - allowed:
-            raise ConfigError(
-                f"--resume continues a run with its saved config; only {', '.join(sorted(allowed))} "
-                f"can change, not {', '.join(sorted(set(overrides) - allowed))}"
+        saved = load_config(run_dir / RUN_CONFIG)
+        overrides = {k: v for k, v in (overrides or {}).items() if k != "output"}
+        config = load_config(run_dir / RUN_CONFIG, {**overrides, "output": str(saved.output)})
+        changed = sorted(
+            f.name
+            for f in dataclasses.fields(Config)
+            if getattr(config, f.name) != getattr(saved, f.name)
+        )
+        refused = [k for k in changed if k not in RESUMABLE]
+        if refused:
+            detail = ", ".join(
+                f"{k} ({getattr(saved, k)!r} -> {getattr(config, k)!r})" for k in refused
             )
-        config = load_config(run_dir / RUN_CONFIG, {**overrides, "output": str(run_dir)})
-        trainer = cls(config, **kwargs)
+            raise ConfigError(
+                f"--resume continues a run with its saved config; only {', '.join(sorted(RESUMABLE))} "
+                f"can change, not {detail}"
+            )
+        config = dataclasses.replace(config, output=str(run_dir))
+        trainer = cls(config, verbose=verbose)
+        if changed and trainer.is_main:
+            config.save(run_dir / RUN_CONFIG)
         path = latest_valid(run_dir, warn=trainer._log)
         if path is None:
             trainer._log(f"no intact checkpoint in {run_dir}: starting from step 0")
-            for old in list_checkpoints(run_dir):
-                shutil.rmtree(old)
+            if trainer.is_main:
+                remove_after(run_dir, -1)
         else:
             trainer.load_checkpoint(path)
+            if trainer.is_main:  # checkpoints past this one were damaged or are stale now
+                remove_after(run_dir, trainer.step)
             trainer._log(f"resumed from {path} (step {trainer.step})")
         return trainer
+
+    def _install_signal_handlers(self) -> dict:
+        """Ctrl-C and SIGTERM (what schedulers send) stop after the current step with a
+        checkpoint. Signal handlers exist only on the main thread; elsewhere none is set."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_sigint)
+        return previous
+
+    def _stop_requested(self) -> bool:
+        """Whether any process was asked to stop: all processes stop at the same step."""
+        if self.world == 1:
+            return self._interrupted
+        return float(backend.all_sum(mx.array(float(self._interrupted)))) > 0
 
     def _on_sigint(self, signum, frame) -> None:
         if self._interrupted:  # a second Ctrl-C stops at once
@@ -778,40 +879,3 @@ def train(config: Config | str | Path | None = None, **overrides) -> dict[str, f
     if not isinstance(config, Config):
         config = load_config(config, overrides)
     return Trainer(config).train()
-
-
-def sweep(config: Config, verbose: bool = True) -> list[tuple[str, dict[str, float]]]:
-    """One run per loss in ``config.sweep``, into ``output/<loss>``; returns final metrics.
-
-    The runs share the reference cache (same model and data give the same fingerprint),
-    so the reference is scored once. A finished sub-run is skipped and an interrupted
-    one resumed, so re-running a sweep continues it.
-    """
-    results = []
-    for name in config.sweep or [config.loss]:
-        sub = dataclasses.replace(
-            config, loss=name, sweep=None, output=str(Path(config.output) / name)
-        )
-        run_dir = Path(sub.output)
-        if list_checkpoints(run_dir):
-            trainer = Trainer.resume(run_dir, verbose=verbose)
-            if trainer.step >= trainer.total_steps:
-                records = trainer.metrics_log.read()
-                final = {k: v for r in records for k, v in r.items()}
-                results.append((name, final))
-                continue
-        else:
-            trainer = Trainer(sub, verbose=verbose)
-        results.append((name, trainer.train()))
-    return results
-
-
-def sweep_table(results: list[tuple[str, dict[str, float]]]) -> str:
-    """A plain-text comparison of the final eval metrics of a sweep."""
-    keys = ["eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen"]
-    header = ["loss", *[k.removeprefix("eval/") for k in keys]]
-    rows = [[name, *[f"{m[k]:.4f}" if k in m else "-" for k in keys]] for name, m in results]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -6,9 +6,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from mlx_lm.utils import dequantize_model
 
 from mlx_pref.errors import ModelError
-from mlx_pref.models import dequantize_model, load_model, resolve_model_path
+from mlx_pref.models import load_model, resolve_model_path
 from mlx_pref.trainer import Trainer
 
 TOKENS = mx.array([[5, 9, 33, 120, 7, 2]])
@@ -18,7 +19,7 @@ def test_quantize_then_dequantize_keeps_the_quantized_values(tiny_model):
     quantized = load_model(str(tiny_model), quantization_bits=4).model
     assert isinstance(quantized.model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
     before = quantized(TOKENS)
-    dequantize_model(quantized)
+    quantized = dequantize_model(quantized)
     assert isinstance(quantized.model.layers[0].self_attn.q_proj, nn.Linear)
     assert isinstance(quantized.model.embed_tokens, nn.Embedding)
     np.testing.assert_allclose(np.asarray(quantized(TOKENS)), np.asarray(before), atol=1e-4)

@@ -323,3 +323,120 @@ def test_generate_during_eval_writes_policy_and_reference_samples(make_config):
     assert [r["prompt"] for r in rows] == [trainer.tokenizer.decode(list(p)) for p in prompts]
     assert all(isinstance(r["policy"], str) and r["policy"] for r in rows)
     assert trainer.generate_samples() == rows  # greedy: the final policy reproduces them
+
+
+def test_lora_dropout_stays_on_in_training_and_off_in_evaluation(make_config):
+    trainer = Trainer(
+        make_config(lora={"r": 4, "alpha": 8, "dropout": 0.5}, reference="adapters-off"),
+        verbose=False,
+    )
+    layer = trainer.model.model.layers[0].self_attn.q_proj
+    assert layer.dropout.training
+    seen = []
+    real = trainer._forward
+
+    def spy(batch, ctx, train):
+        seen.append((train, layer.dropout.training))
+        return real(batch, ctx, train)
+
+    trainer._forward = spy
+    trainer.train_step(trainer._step_batches(0))  # runs a reference pass first
+    trainer.evaluate()
+    trainer.train_step(trainer._step_batches(1))
+    assert seen[0] == (True, True) and seen[-1] == (True, True)
+    assert all(mode is False for train, mode in seen[1:-1]) and len(seen) > 2
+
+
+def test_a_skipped_step_leaves_bco_delta_untouched(make_config, monkeypatch):
+    trainer = Trainer(make_config(loss="bco", max_steps=3, max_nonfinite=3), verbose=False)
+    real = trainer_module.preference_loss
+
+    def nan_rewards_on_second_step(name, chosen, *args, **kwargs):
+        if kwargs.get("train") and trainer.step == 1:
+            chosen = chosen * mx.array(float("nan"))
+        return real(name, chosen, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "preference_loss", nan_rewards_on_second_step)
+    states = []
+    step = trainer.train_step
+
+    def record(batches):
+        result = step(batches)
+        states.append(json.dumps(trainer.loss_state.state_dict()))
+        return result
+
+    trainer.train_step = record
+    trainer.train()
+    assert trainer.skipped_steps == 1
+    assert states[1] == states[0]  # the NaN batch did not move delta
+    assert "nan" not in states[2].lower() and states[2] != states[1]
+
+
+def test_resume_is_exact_with_bco_state_regen_and_averaged_logs(make_config, tmp_path, monkeypatch):
+    common = dict(loss="bco", max_steps=None, epochs=3, batch_size=16, ref_regen_epochs=1,
+                  log_every=2, eval_every=4, save_every=100)  # fmt: skip
+    straight = make_config(output=str(tmp_path / "straight"), **common)
+    Trainer(straight, verbose=False).train()
+    cfg = make_config(output=str(tmp_path / "cut"), **common)
+    first = Trainer(cfg, verbose=False)
+    step = first.train_step
+
+    def stop_after_five(batches):
+        result = step(batches)
+        if first.step == 5:
+            first._interrupted = True
+        return result
+
+    first.train_step = stop_after_five
+    with pytest.raises(Interrupted):
+        first.train()
+    resumed = Trainer.resume(cfg.output, verbose=False)
+    assert resumed.step == 5 and resumed.reference.weights is not None  # regenerated at step 3
+    resumed.train()
+    assert_same_adapters(Path(straight.output), Path(cfg.output))
+    assert comparable(read_metrics(straight.output)) == comparable(read_metrics(cfg.output))
+
+
+def test_resume_accepts_the_original_command_and_saves_extensions(make_config, tmp_path):
+    cfg = make_config(max_steps=2)
+    Trainer(cfg, verbose=False).train()
+    same = {"max_steps": 2, "batch_size": cfg.batch_size, "output": cfg.output}
+    assert Trainer.resume(cfg.output, same, verbose=False).step == 2
+    extended = Trainer.resume(cfg.output, {"max_steps": 4}, verbose=False)
+    extended.train()
+    assert yaml.safe_load((Path(cfg.output) / "config.yaml").read_text())["max_steps"] == 4
+    assert Trainer.resume(cfg.output, verbose=False).step == 4
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"loss": "kto"}, {"use_weighting": True}, {"ld_alpha": 0.5}, {"loss": "bco", "bco_udm": True}],
+    ids=["kto-kl", "wpo", "ld-dpo", "bco-udm"],
+)
+def test_model_stage_options_change_the_loss(make_config, tmp_path, options):
+    base = dict(loss=options.get("loss", "sigmoid"), reference="adapters-off")
+    plain = Trainer(make_config(output=str(tmp_path / "a"), **base), verbose=False)
+    other = Trainer(make_config(output=str(tmp_path / "b"), **{**base, **options}), verbose=False)
+    rng = np.random.default_rng(3)
+    weights = [(k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)))
+               for k, v in adapter_parameters(plain.model).items()]  # fmt: skip
+    for trainer in (plain, other):
+        trainer.model.load_weights(weights, strict=False)
+    batch = plain._step_batches(0)[0]
+    losses, contexts, metrics = [], [], []
+    for trainer in (plain, other):
+        ctx = trainer._context(batch, "train", trainer.train_set)
+        loss, m = trainer._forward(batch, ctx, train=False)
+        losses.append(float(loss))
+        contexts.append(ctx)
+        metrics.append(m)
+    assert np.isfinite(losses).all()
+    ctx = contexts[1]
+    if options == {"loss": "kto"}:  # the KL rows pair each prompt with another completion
+        assert ctx.policy_kl.shape == (len(batch.lengths),) and "kl" in metrics[1]
+        assert float(metrics[1]["kl"]) >= 0
+    else:
+        assert abs(losses[0] - losses[1]) > 1e-6
+    if options.get("bco_udm"):
+        w = np.asarray(ctx.udm)
+        assert w.shape == (batch.num_examples,) and np.all((w >= 0.5) & (w <= 10.0))

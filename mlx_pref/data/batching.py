@@ -163,13 +163,12 @@ def iterate_batches(
     seed: int,
     epoch: int,
     bucket: bool = True,
-    start: int = 0,
 ) -> Iterator[Batch]:
-    """Yield the epoch's batches from position ``start`` (to resume mid-epoch)."""
+    """Yield the epoch's batches, a pure function of the examples, seed and epoch."""
     order = batch_order(
         [e.length for e in examples], batch_size, seed=seed, epoch=epoch, bucket=bucket
     )
-    for idx in order[start:]:
+    for idx in order:
         yield collate([examples[i] for i in idx], idx)
 
 
@@ -182,3 +181,15 @@ def padding_fraction(
         total += batch.tokens.size
         real += batch.num_tokens
     return 1.0 - real / total if total else 0.0
+
+
+def mismatched(batch: Batch) -> Batch:
+    """KTO's KL rows: each row's prompt with the previous row's completion, so the
+    completions no longer answer their prompts."""
+    rows = []
+    for i in range(len(batch.lengths)):
+        j = i - 1
+        prompt = tuple(batch.tokens[i, : batch.prompt_lengths[i]].tolist())
+        completion = tuple(batch.tokens[j, batch.prompt_lengths[j] : batch.lengths[j]].tolist())
+        rows.append(UnpairedExample(prompt, completion, True))
+    return collate(rows, np.arange(len(rows)))

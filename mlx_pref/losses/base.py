@@ -17,6 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_pref import backend
+
 ArrayLike = Any
 """An ``mx.array``, a NumPy array, a Python list or a scalar."""
 
@@ -208,24 +210,10 @@ def chosen_nll(inputs: LossInputs, loss: str) -> mx.array:
 
 
 def distributed_group(group: Any = None) -> Any:
-    """The communication group to reduce over, or ``None`` for a single process.
-
-    Uses ``group`` when given; otherwise, only where MLX has a distributed backend, the
-    global group (``mx.distributed.init()`` returns the one already set up, or a size-1 group).
-    A group of size 1 means there is nothing to reduce.
-    """
-    if group is None:
-        if not mx.distributed.is_available():
-            return None
-        group = mx.distributed.init()
+    """The communication group to reduce over, or ``None`` for a single process:
+    ``group`` when given, otherwise the global one (``mlx_pref.backend``)."""
+    group = group or backend.distributed_group()
     return group if group.size() > 1 else None
-
-
-def all_sum(x: mx.array, group: Any) -> mx.array:
-    """``mx.distributed.all_sum`` over ``group``; the identity when ``group`` is ``None``."""
-    if group is None:
-        return x
-    return mx.distributed.all_sum(x, group=group)
 
 
 def closest(name: str, choices: Sequence[str]) -> str | None:

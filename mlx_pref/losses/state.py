@@ -15,7 +15,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_pref.losses.base import all_sum, distributed_group
+from mlx_pref.backend import all_sum
+from mlx_pref.losses.base import distributed_group
 
 
 @dataclass

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mlx_pref.backend import all_sum
 from mlx_pref.losses.base import (
     LossInputs,
     LossOutput,
-    all_sum,
     distributed_group,
     log_sigmoid,
 )
