@@ -200,10 +200,17 @@ class Trainer:
         if cfg.push_to_hub:  # fail now, not after hours of training
             from mlx_pref.export import ExportError, validate_repo_id
 
+            from huggingface_hub import get_token
+
             try:
                 validate_repo_id(cfg.push_to_hub)
             except ExportError as exc:
                 raise ConfigError(str(exc)) from None
+            if not get_token():
+                raise ConfigError(
+                    "push_to_hub: not logged in to the Hugging Face Hub; run `hf auth login` "
+                    "or set HF_TOKEN before training"
+                )
         self.loss_state = LossState()
         self.reference_free = not any(s.needs_reference for s in self.loss_specs) or bool(
             cfg.loss_params.get("reference_free")
