@@ -198,9 +198,9 @@ class Trainer:
                 "use ref_model_mixup_alpha: 1.0 or LoRA"
             )
         if cfg.push_to_hub:  # fail now, not after hours of training
-            from mlx_pref.export import ExportError, validate_repo_id
-
             from huggingface_hub import get_token
+
+            from mlx_pref.export import ExportError, validate_repo_id
 
             try:
                 validate_repo_id(cfg.push_to_hub)
