@@ -128,3 +128,20 @@ def test_plot_draws_a_png(make_config):
     assert result.exit_code == 0, result.output
     png = Path(cfg.output) / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_a_loss_sweep_shares_one_reference_and_prints_a_table(make_config, tmp_path):
+    cfg = make_config(max_steps=2, eval_every=2)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    result = CliRunner().invoke(cli, ["train", str(path), "--loss", "dpo,ipo,simpo", "--quiet"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[0].split()[:3] == ["loss", "loss", "rewards/accuracies"]
+    assert [line.split()[0] for line in lines[2:]] == ["dpo", "ipo", "simpo"]
+    for name in ("dpo", "ipo", "simpo"):
+        assert (Path(cfg.output) / name / "adapters.safetensors").exists()
+    cache = Path(cfg.output).parent / "cache" / "ref-logps"
+    assert len(list(cache.glob("*.safetensors"))) == 2  # train and eval, scored once for all
+    again = CliRunner().invoke(cli, ["train", str(path), "--loss", "dpo,ipo,simpo", "--quiet"])
+    assert again.exit_code == 0 and again.output == result.output  # finished runs are reused
