@@ -115,8 +115,15 @@ def main() -> None:
         "mlx_peak_gb": timer.peak_gb,
         "compile_and_first_step_s": timer.times[0] if timer.times else None,
         "torch_imported": bool(sys.modules.get("torch")),
+        "mlx_matmul_gflops": _matmul_gflops(),
     }
     common.write_result(sys.argv[2], result)
+
+
+def _matmul_gflops() -> float:
+    from mlx_pref.backend import matmul_gflops
+
+    return matmul_gflops(n=512)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,18 @@ import common  # noqa: E402
 
 common.hide_torch()
 
+from mlx_pref import backend  # noqa: E402
+
+# OpenBLAS must be in the global symbol scope before mlx.core is first imported, or
+# libmlx binds cblas_sgemm to the reference BLAS bundled with MLX (~30x slower). This
+# call is a statement, so import sorting cannot move mlx.core above it.
+backend.load_fast_blas()
+
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 
-import mlx_pref  # noqa: E402,F401  (loads OpenBLAS before mlx.core)
-from mlx_pref import backend  # noqa: E402
 from mlx_pref.config import load_config  # noqa: E402
 from mlx_pref.data import Dataset, PairExample, collate  # noqa: E402
 from mlx_pref.models import load_model  # noqa: E402
@@ -265,6 +270,7 @@ def main() -> None:
         result = runner(spec, trainer, dataset)
     result.update(one_off)
     result["blas"] = backend.blas_info().name
+    result["mlx_matmul_gflops"] = backend.matmul_gflops(n=512)
     result["torch_imported"] = bool(sys.modules.get("torch"))
     common.write_result(sys.argv[2], result)
 

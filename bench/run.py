@@ -87,6 +87,8 @@ class Runner:
             result["error"] = f"exit {proc.returncode}: {tail}"
             print(f"FAILED (exit {proc.returncode}, log {self.run_dir / (name + '.log')})")
         self.results[name] = result
+        partial = self.run_dir / "partial-results.json"
+        partial.write_text(json.dumps({"base": self.base, "results": self.results}, default=str))
         return result
 
 
