@@ -3,6 +3,7 @@
 #
 #   bash install.sh          the package (Linux: MLX's CPU build + OpenBLAS; CUDA if a GPU is found)
 #   bash install.sh test     also the test extras (pytest, ruff, torch CPU, transformers, peft)
+#   bash install.sh bench    also the benchmark peers (TRL, mlx-lm-lora, torch CPU)
 #
 # On Linux, MLX's CPU wheel ships a slow reference BLAS; mlx-pref loads OpenBLAS instead
 # (pip's cmeel-openblas, which needs the system's libgfortran5, or Debian's libopenblas0).
