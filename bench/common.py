@@ -262,11 +262,12 @@ def tokenize_pairs(rows: list[dict], model_dir: Path) -> list[Pair]:
 
     from mlx_pref.config import Config
     from mlx_pref.data.formats import Record
-    from mlx_pref.data.tokenize import tokenize_records
+    from mlx_pref.data.report import Report
+    from mlx_pref.data.tokenize import Truncation, tokenize_records
 
     tokenizer = load_tokenizer(model_dir)
-    records = [Record(r["prompt"], r["chosen"], r["rejected"], None, None, "") for r in rows]
-    examples, _ = tokenize_records(records, tokenizer, Config())
+    records = [Record(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    examples = tokenize_records(records, tokenizer, Truncation.from_config(Config()), Report())
     return [Pair(list(e.prompt), list(e.chosen), list(e.rejected)) for e in examples]
 
 
