@@ -212,6 +212,14 @@ def run_sections(runner: Runner, sections: list[str], args, data: dict) -> None:
         for n in MEMORY_LENGTHS if not args.quick else MEMORY_LENGTHS[:2]:
             pairs = [asdict(p) for p in data["memory_batches"][n]]
             runner.run(f"ours-len{n}", "ours.py", warmup=0, steps=1, pairs=pairs)
+            runner.run(
+                f"ours-gc-len{n}",
+                "ours.py",
+                warmup=0,
+                steps=1,
+                pairs=pairs,
+                config={"grad_checkpoint": True},
+            )
             runner.run(f"trl-len{n}", "trl_peer.py", warmup=0, steps=1, pairs=pairs)
     if "phases" in sections:
         print("per-phase breakdown of our step:")
@@ -467,11 +475,15 @@ def report(results: dict[str, dict], data: dict, meta: dict) -> tuple[str, dict]
     mrows = []
     for n in MEMORY_LENGTHS:
         a, b = ok.get(f"ours-len{n}"), ok.get(f"trl-len{n}")
-        if a is None and b is None:
+        gc = ok.get(f"ours-gc-len{n}")
+        if a is None and b is None and gc is None:
             continue
         entry = {
             "length": n,
             "ours_rss_gb": a and a["peak_rss_gb"],
+            "ours_failed": a is None and f"ours-len{n}" in results,
+            "ours_gc_rss_gb": gc and gc["peak_rss_gb"],
+            "ours_gc_s": gc and gc["step_s"],
             "trl_rss_gb": b and b["peak_rss_gb"],
             "ours_s": a and a["step_s"],
             "trl_s": b and b["step_s"],
@@ -481,11 +493,14 @@ def report(results: dict[str, dict], data: dict, meta: dict) -> tuple[str, dict]
         mrows.append(
             [
                 str(n),
-                _fmt(entry["ours_rss_gb"]),
+                _fmt(entry["ours_rss_gb"], none="failed" if entry["ours_failed"] else "-"),
                 _fmt(a and a.get("mlx_peak_gb")),
+                _fmt(entry["ours_gc_rss_gb"]),
                 _fmt(entry["trl_rss_gb"]),
                 ratio,
+                f"{gc['peak_rss_gb'] / b['peak_rss_gb']:.2f}x" if gc and b else "-",
                 _fmt(entry["ours_s"], ".1f"),
+                _fmt(entry["ours_gc_s"], ".1f"),
                 _fmt(entry["trl_s"], ".1f"),
             ]
         )
@@ -497,9 +512,12 @@ def report(results: dict[str, dict], data: dict, meta: dict) -> tuple[str, dict]
                     "length",
                     "ours RSS GB",
                     "ours MLX peak GB",
+                    "ours + grad_checkpoint RSS GB",
                     "TRL RSS GB",
                     "ours/TRL",
+                    "ours + grad_checkpoint / TRL",
                     "ours s",
+                    "ours + grad_checkpoint s",
                     "TRL s",
                 ],
                 mrows,
