@@ -249,7 +249,7 @@ def report(results: dict[str, dict], data: dict, meta: dict) -> tuple[str, dict]
     summary: dict = {"ratios": {}, "targets": {}, "techniques": {}, "references": {}, "memory": []}
     gflops = meta["matmul_gflops"]
     limits = {
-        "issue's limit (cached ref, completion-only head)": meta["flops_cached_concat"],
+        "cached ref, completion-only head": meta["flops_cached_concat"],
         "with prompt sharing too": meta["flops_cached_shared"],
     }
 
