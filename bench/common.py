@@ -21,7 +21,6 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 HH_NAME = "hh-rlhf-harmless-base-test.jsonl.gz"
-MARKER = "\n\nAssistant:"
 LORA = {"r": 8, "alpha": 16.0, "dropout": 0.0, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 BETA = 0.1
 LEARNING_RATE = 1e-5
@@ -206,29 +205,18 @@ def hh_path() -> Path | None:
     return None
 
 
-def split_implicit(chosen: str, rejected: str) -> tuple[str, str, str] | None:
-    """(prompt, chosen, rejected) of an implicit-prompt pair: the prompt is the longest
-    common prefix, cut back to end at the last shared ``\\n\\nAssistant:``."""
-    n, limit = 0, min(len(chosen), len(rejected))
-    while n < limit and chosen[n] == rejected[n]:
-        n += 1
-    k = chosen.rfind(MARKER, 0, n)
-    if k < 0:
-        return None
-    end = k + len(MARKER)
-    return chosen[:end], chosen[end:], rejected[end:]
-
-
 def read_pairs() -> tuple[list[dict], str]:
     """Text pairs ``{prompt, chosen, rejected}`` and where they came from."""
+    from mlx_pref.data.formats import extract_prompt
+
     path = hh_path()
     if path is not None:
         out = []
         with gzip.open(path, "rt", encoding="utf-8") as fh:
             for line in fh:
                 row = json.loads(line)
-                parts = split_implicit(row["chosen"], row["rejected"])
-                if parts and parts[1].strip() and parts[2].strip():
+                parts = extract_prompt(row["chosen"], row["rejected"])
+                if parts[1].strip() and parts[2].strip():
                     out.append(dict(zip(("prompt", "chosen", "rejected"), parts)))
         return out, str(path)
     from mlx_pref.data import embedded_data
@@ -255,20 +243,22 @@ class Pair:
         return len(self.chosen) + len(self.rejected)
 
 
-def tokenize_pairs(rows: list[dict], model_dir: Path) -> list[Pair]:
-    """Token ids through mlx-pref's own tokenization (BOS, EOS, chat templates), once;
-    TRL and mlx-lm-lora receive these ids, so no peer re-tokenizes."""
-    from mlx_lm.utils import load_tokenizer
-
+def tokenize_pairs(rows: list[dict], model_dir: Path) -> tuple[list[Pair], int]:
+    """Token ids through mlx-pref's own tokenization (BOS, EOS, chat templates), once, and
+    the EOS id; TRL and mlx-lm-lora receive these ids, so no peer re-tokenizes."""
     from mlx_pref.config import Config
+    from mlx_pref.data.check import load_tokenizer
     from mlx_pref.data.formats import Record
     from mlx_pref.data.report import Report
     from mlx_pref.data.tokenize import Truncation, tokenize_records
 
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(str(model_dir))
     records = [Record(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
     examples = tokenize_records(records, tokenizer, Truncation.from_config(Config()), Report())
-    return [Pair(list(e.prompt), list(e.chosen), list(e.rejected)) for e in examples]
+    if len(examples) != len(records):  # the step's rows are picked by position
+        raise RuntimeError(f"{len(records) - len(examples)} pairs dropped in tokenization")
+    pairs = [Pair(list(e.prompt), list(e.chosen), list(e.rejected)) for e in examples]
+    return pairs, tokenizer.eos_token_id
 
 
 def choose_step(pairs: list[Pair], max_length: int, window: int = 6) -> tuple[list[int], dict]:

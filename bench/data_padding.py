@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import common
 import numpy as np
 
 import mlx_pref  # noqa: F401  (platform setup before mlx)
@@ -23,13 +24,12 @@ from mlx_pref.config import Config
 from mlx_pref.data import load_dataset, padding_fraction
 from mlx_pref.data.check import load_tokenizer
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
 BATCH_SIZES = (4, 8, 16)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("file", nargs="?", default=str(DEFAULT))
+    parser.add_argument("file", nargs="?", default=str(common.hh_path() or common.HH_NAME))
     parser.add_argument("--max-length", type=int, default=Config.max_length)
     parser.add_argument("--seeds", type=int, default=5)
     args = parser.parse_args()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -100,21 +101,26 @@ def build(spec: dict, workdir: Path) -> tuple[Trainer, Dataset, dict]:
     return trainer, dataset, one_off
 
 
-def run_train(spec: dict, trainer: Trainer, dataset: Dataset) -> dict:
-    batch = collate(dataset.examples, np.arange(len(dataset)))
+def _timed_steps(spec: dict, step: Callable[[], tuple[float, float]]) -> dict:
+    """Warm-up plus timed calls of ``step`` (which returns its loss and peak GB)."""
     times, peaks, losses = [], [], []
     for _ in range(spec["warmup"] + spec["steps"]):
         t0 = time.perf_counter()
-        result = trainer.train_step(batch)
+        loss, peak = step()
         times.append(time.perf_counter() - t0)
-        peaks.append(result.metrics["peak_memory_gb"])
-        losses.append(result.loss)
-    return {
-        **common.summarize(times, spec["warmup"]),
-        "mlx_peak_gb": max(peaks),
-        "losses": losses,
-        "padding_fraction": batch.padding_fraction,
-    }
+        peaks.append(peak)
+        losses.append(loss)
+    return {**common.summarize(times, spec["warmup"]), "mlx_peak_gb": max(peaks), "losses": losses}
+
+
+def run_train(spec: dict, trainer: Trainer, dataset: Dataset) -> dict:
+    batch = collate(dataset.examples, np.arange(len(dataset)))
+
+    def step() -> tuple[float, float]:
+        result = trainer.train_step(batch)
+        return result.loss, result.metrics["peak_memory_gb"]
+
+    return {**_timed_steps(spec, step), "padding_fraction": batch.padding_fraction}
 
 
 def naive_loss_fn(model: nn.Module, batch, ref: mx.array, head: str):
@@ -145,18 +151,16 @@ def run_naive(spec: dict, trainer: Trainer, dataset: Dataset) -> dict:
     model = trainer.model
     step = naive_loss_fn(model, batch, ref, spec["head"])
     optimizer = optim.AdamW(learning_rate=common.LEARNING_RATE, weight_decay=0.0)
-    times, peaks, losses = [], [], []
-    for _ in range(spec["warmup"] + spec["steps"]):
+
+    def one_step() -> tuple[float, float]:
         mx.reset_peak_memory()
-        t0 = time.perf_counter()
         loss, grads = step(model)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(model, grads)
         mx.eval(loss, model.trainable_parameters(), optimizer.state)
-        times.append(time.perf_counter() - t0)
-        peaks.append(mx.get_peak_memory() / 1e9)
-        losses.append(float(loss))
-    return {**common.summarize(times, spec["warmup"]), "mlx_peak_gb": max(peaks), "losses": losses}
+        return float(loss), mx.get_peak_memory() / 1e9
+
+    return _timed_steps(spec, one_step)
 
 
 def _timed(fn) -> float:

@@ -54,6 +54,9 @@ class Runner:
         self.results: dict[str, dict] = {}
 
     def run(self, name: str, worker: str, **spec) -> dict:
+        """Run ``worker`` once under ``name``; a name already measured is not run again."""
+        if name in self.results:
+            return self.results[name]
         full = {**self.base, **spec, "threads": self.threads}
         spec_path = self.run_dir / f"{name}.spec.json"
         out_path = self.run_dir / f"{name}.json"
@@ -75,7 +78,8 @@ class Runner:
             timer.cancel()
             proc.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - t0
-        result = {"name": name, "wall_s": wall, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}
+        rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)  # bytes / KiB
+        result = {"name": name, "wall_s": wall, "peak_rss_gb": rss / 1e9}
         if proc.returncode == 0 and out_path.exists():
             result.update(json.loads(out_path.read_text()))
             print(
@@ -120,7 +124,7 @@ def prepare_data(model_dir: Path, run_dir: Path) -> dict:
     from mlx_pref.data.batching import padding_fraction
 
     rows, source = common.read_pairs()
-    pairs = common.tokenize_pairs(rows, model_dir)
+    pairs, eos = common.tokenize_pairs(rows, model_dir)
     idx, stats = common.choose_step(pairs, STEP_MAX_LENGTH)
     data_file = run_dir / "step-pairs.jsonl"
     data_file.write_text("".join(json.dumps(rows[i]) + "\n" for i in idx))
@@ -129,9 +133,6 @@ def prepare_data(model_dir: Path, run_dir: Path) -> dict:
         p for p in pairs if len(p.prompt) + max(len(p.chosen), len(p.rejected)) <= BUCKET_MAX_LENGTH
     ]
     examples = [PairExample(tuple(p.prompt), tuple(p.chosen), tuple(p.rejected)) for p in fits]
-    from mlx_lm.utils import load_tokenizer
-
-    eos = load_tokenizer(model_dir).eos_token_id
     return {
         "source": source,
         "pairs_total": len(pairs),
@@ -183,8 +184,7 @@ def run_sections(runner: Runner, sections: list[str], args, data: dict) -> None:
         runner.run("mlx-lm-lora", "mlx_lm_lora_peer.py", warmup=w, steps=s)
     if "techniques" in sections:
         print("techniques (before / after, ours):")
-        if "ours" not in runner.results:
-            runner.run("ours", "ours.py", warmup=w, steps=s)
+        runner.run("ours", "ours.py", warmup=w, steps=s)
         runner.run(
             "ours-no-share-prompt", "ours.py", warmup=w, steps=s, config={"share_prompt": False}
         )
@@ -200,8 +200,7 @@ def run_sections(runner: Runner, sections: list[str], args, data: dict) -> None:
         )
     if "references" in sections or "techniques" in sections:
         print("reference strategies:")
-        if "ours" not in runner.results:
-            runner.run("ours", "ours.py", warmup=w, steps=s)
+        runner.run("ours", "ours.py", warmup=w, steps=s)
         runner.run(
             "ref-adapters-off", "ours.py", warmup=w, steps=s, config={"reference": "adapters-off"}
         )
@@ -634,18 +633,10 @@ def main(argv: list[str] | None = None) -> int:
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
-    for name in (
-        "mlx",
-        "mlx-cpu",
-        "mlx-lm",
-        "mlx-lm-lora",
-        "torch",
-        "transformers",
-        "trl",
-        "peft",
-        "cmeel-openblas",
-    ):
+    from mlx_pref import backend
+
+    out = {"python": platform.python_version(), **backend.package_versions()}
+    for name in ("mlx-lm-lora", "torch", "transformers", "trl", "peft"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

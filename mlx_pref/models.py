@@ -84,21 +84,19 @@ def resolve_model_path(spec: str | None) -> Path:
         ) from None
 
 
-def _quantizable():
-    def predicate(path: str, module: nn.Module) -> bool:
-        weight = getattr(module, "weight", None)
-        return (
-            hasattr(module, "to_quantized")
-            and weight is not None
-            and weight.shape[-1] % QUANT_GROUP_SIZE == 0
-        )
-
-    return predicate
+def _quantizable(path: str, module: nn.Module) -> bool:
+    """Layers whose rows split into whole quantization groups."""
+    weight = getattr(module, "weight", None)
+    return (
+        hasattr(module, "to_quantized")
+        and weight is not None
+        and weight.shape[-1] % QUANT_GROUP_SIZE == 0
+    )
 
 
 def quantize_base(model: nn.Module, bits: int) -> None:
     """Quantize the base weights in place (QLoRA); LoRA layers then wrap QuantizedLinear."""
-    nn.quantize(model, group_size=QUANT_GROUP_SIZE, bits=bits, class_predicate=_quantizable())
+    nn.quantize(model, group_size=QUANT_GROUP_SIZE, bits=bits, class_predicate=_quantizable)
 
 
 def enable_grad_checkpoint(model: nn.Module) -> None:

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,12 +183,12 @@ class Trainer:
                 f"{self.train_set.name} holds unpaired rows (prompt/completion/label): "
                 "use loss: bco or kto"
             )
-        for name, dataset in (("eval_data", self.eval_set),):
-            if dataset is not None and dataset.paired != self.train_set.paired:
-                raise ConfigError(
-                    f"{name} {dataset.name} is {'paired' if dataset.paired else 'unpaired'} but "
-                    f"the training data is {'paired' if self.train_set.paired else 'unpaired'}"
-                )
+        held_out = self.eval_set
+        if held_out is not None and held_out.paired != self.train_set.paired:
+            raise ConfigError(
+                f"eval_data {held_out.name} is {'paired' if held_out.paired else 'unpaired'} but "
+                f"the training data is {'paired' if self.train_set.paired else 'unpaired'}"
+            )
         if (cfg.use_weighting or cfg.ld_alpha is not None) and not self.train_set.paired:
             raise ConfigError(
                 "use_weighting (WPO) and ld_alpha (LD-DPO) weigh pairs: they need paired data"
@@ -810,8 +811,6 @@ class Trainer:
     def _install_signal_handlers(self) -> dict:
         """Ctrl-C and SIGTERM (what schedulers send) stop after the current step with a
         checkpoint. Signal handlers exist only on the main thread; elsewhere none is set."""
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return {}
         previous = {}
