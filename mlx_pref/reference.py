@@ -159,15 +159,22 @@ class Reference:
         self.ld_alpha = ld_alpha
         """LD-DPO: summarise pairs as the policy does, so both sides match."""
         self.share_prompt = share_prompt
+        self.held_out: dict[tuple, mx.array] = {}
+        """Held-out batches already scored: eval batches repeat and the reference is frozen."""
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array | None:
         """Summed completion log-probs of every row of ``batch`` under the reference."""
+        key = (split, batch.indices.tobytes())
+        if key in self.held_out:
+            return self.held_out[key]
         with self.as_model() as model:
             if model is None:
                 return None
             seq = sequence_logps(model, batch, share_prompt=self.share_prompt)
             out = mx.stop_gradient(row_logps(seq, batch, self.ld_alpha))
             mx.eval(out)
+        if split != "train":
+            self.held_out[key] = out
         return out
 
     def live_logps(self, batch: Batch) -> mx.array | None:
@@ -188,6 +195,7 @@ class Reference:
 
     def attach(self, datasets: dict) -> None:
         """The datasets whose rows ``logps(batch, split)`` will be asked about, by split."""
+        self.held_out = {k: v for k, v in self.held_out.items() if k[0] not in datasets}
 
     def prepare(self, datasets: dict) -> None:
         """Precompute whatever the strategy needs for these datasets (only the cache does)."""
@@ -216,6 +224,7 @@ class LiveReference(Reference):
 
     def set_weights(self, weights: dict[str, mx.array] | None) -> None:
         self._weights = weights
+        self.held_out.clear()
 
     @contextmanager
     def as_model(self) -> Iterator[nn.Module]:

@@ -781,6 +781,33 @@ def test_hh_rlhf_prompts_are_extracted(tok):
     assert e.prompt + e.chosen == (*whole, tok.eos_token_id)  # split tokenization = whole text
 
 
+def test_transcripts_read_as_conversational_become_chat_messages(tmp_path, tok):
+    q = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman:  Rain?\n\nAssistant:"
+    row = {"chosen": q + " Yes.", "rejected": q + " No."}
+    ds = load(write_jsonl(tmp_path / "t.jsonl", [row] * 2), tok, format="conversational")
+    turns = [chat("user", "Hi"), chat("assistant", "Hello!"), chat("user", "Rain?")]
+    expected = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    assert ds.examples[0].prompt == ids(tok, expected)
+    assert ds.examples[0].chosen == ids(tok, "Yes.<|im_end|>\n")
+    assert ds.examples[0].rejected == ids(tok, "No.<|im_end|>\n")
+    path = write_jsonl(tmp_path / "n.jsonl", [{"chosen": "Hi. Yes.", "rejected": "Hi. No."}] * 2)
+    with pytest.raises(DataError, match=r"n\.jsonl:1: field 'chosen' .* not an hh-rlhf transcript"):
+        load(path, tok, format="conversational", strict=True)
+
+
+@needs_hh
+def test_hh_rlhf_transcripts_as_chat(tok):
+    ds = load(HH, tok, format="conversational")
+    assert len(ds) == 2308 and dict(ds.report.reasons) == {"empty completion": 4}
+    (e,) = [e for e in ds.examples if e.source.endswith(":1453")]
+    call = [chat("user", "call me a bad name")]
+    assert e.prompt == ids(
+        tok, tok.apply_chat_template(call, add_generation_prompt=True, tokenize=False)
+    )
+    assert e.chosen == ids(tok, "How do you like them apples?<|im_end|>\n")
+    assert e.rejected == ids(tok, "Why?<|im_end|>\n")
+
+
 @needs_hh
 def test_hh_rlhf_dpo_smoke_run(tmp_path):
     from mlx_pref.trainer import Trainer

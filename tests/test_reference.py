@@ -59,6 +59,28 @@ def test_cache_adapters_off_and_separate_model_agree(make_config, tiny_model):
     assert abs(losses["cache"] - np.log(2)) > 1e-3  # the adapters really moved the policy
 
 
+def test_held_out_reference_values_are_scored_once_per_reference(make_config, monkeypatch):
+    import mlx_pref.reference as reference
+
+    trainer = Trainer(make_config(reference="adapters-off"), verbose=False)
+    randomize_adapters(trainer)
+    calls = []
+    scored = reference.sequence_logps
+    monkeypatch.setattr(
+        reference, "sequence_logps", lambda *a, **k: calls.append(1) or scored(*a, **k)
+    )
+    first = trainer.evaluate()
+    per_eval = len(calls)
+    assert per_eval > 0
+    assert trainer.evaluate() == first  # the same values, the reference not run again
+    assert len(calls) == per_eval
+    trainer.reference.set_weights(adapter_parameters(trainer.model))  # reference = policy
+    moved = trainer.evaluate()
+    assert len(calls) == 2 * per_eval
+    assert moved["eval/rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert abs(first["eval/rewards/margins"]) > 1e-3
+
+
 def test_auto_picks_cache_or_none_and_says_why(make_config):
     dpo = Trainer(make_config(), verbose=False)
     assert isinstance(dpo.reference, CachedReference) and dpo.reference.reason.startswith("auto:")

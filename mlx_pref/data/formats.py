@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -42,6 +43,8 @@ ALIASES = {
 }
 TURN_MARKER = "\n\nAssistant:"
 """hh-rlhf's turn boundary: implicit prompts end right after the last shared one."""
+TRANSCRIPT_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+"""hh-rlhf's turns, for reading a transcript string as chat messages."""
 
 Messages = list[dict]
 Text = str | Messages
@@ -182,13 +185,33 @@ def _string(row: dict, key: str, where: str, fmt: str, completion: bool = True) 
     return value
 
 
+def transcript_messages(text: str) -> Messages | None:
+    """An hh-rlhf transcript (``\\n\\nHuman: ... \\n\\nAssistant: ...``) as user/assistant
+    messages, or None when ``text`` is not one (it must start with a turn)."""
+    parts = TRANSCRIPT_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        return None
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [
+        {"role": roles[role], "content": content.strip()}
+        for role, content in zip(parts[1::2], parts[2::2], strict=True)
+    ]
+
+
 def _messages(row: dict, key: str, where: str, fmt: str, completion: bool = True) -> Messages:
     value = _field(row, key, where, fmt)
+    if isinstance(value, str):
+        value = transcript_messages(value) or value
     if not isinstance(value, list):
+        hint = (
+            " that is not an hh-rlhf transcript ('\\n\\nHuman: ...')"
+            if isinstance(value, str)
+            else ""
+        )
         raise RowError(
             "wrong type",
             f"{where}: field '{key}' must be a list of {{role, content}} messages, got "
-            f"{_kind(value)}",
+            f"{_kind(value)}{hint}",
         )
     if not value:
         reason = "empty completion" if completion else "empty prompt"
@@ -258,7 +281,7 @@ def _implicit(row: dict, where: str, fmt: str, chat: bool) -> Record:
     _distinct(chosen, rejected, where)
     prompt, chosen, rejected = extract_prompt(chosen, rejected)
     for key, value in (("chosen", chosen), ("rejected", rejected)):
-        empty = not value if chat else not value.strip()
+        empty = not (any(m["content"].strip() for m in value) if chat else value.strip())
         if empty:
             raise RowError(
                 "empty completion",
