@@ -164,22 +164,25 @@ class Reference:
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array | None:
         """Summed completion log-probs of every row of ``batch`` under the reference."""
+        if split == "train":  # new rows every step: nothing to keep
+            return self._score(batch)
         key = (split, batch.indices.tobytes())
-        if key in self.held_out:
-            return self.held_out[key]
+        if key not in self.held_out:
+            self.held_out[key] = self._score(batch)
+        return self.held_out[key]
+
+    def _score(self, batch: Batch) -> mx.array | None:
         with self.as_model() as model:
             if model is None:
                 return None
             seq = sequence_logps(model, batch, share_prompt=self.share_prompt)
             out = mx.stop_gradient(row_logps(seq, batch, self.ld_alpha))
             mx.eval(out)
-        if split != "train":
-            self.held_out[key] = out
         return out
 
     def live_logps(self, batch: Batch) -> mx.array | None:
         """Computed now, never from a cache (rows no dataset holds, e.g. KTO's KL pairs)."""
-        return self.logps(batch)
+        return self._score(batch)
 
     @property
     def weights(self) -> dict[str, mx.array] | None:
@@ -346,7 +349,7 @@ class CachedReference(Reference):
         bar = Progress(len(batches), enabled=self.show_progress)
         bar.message(f"computing reference log-probs for {split} ({n} examples)")
         for i, batch in enumerate(batches, 1):
-            logps = np.asarray(self.scorer.logps(batch, split))
+            logps = np.asarray(self.scorer.live_logps(batch))
             k = len(batch.indices)
             if paired:
                 out[batch.indices, 0], out[batch.indices, 1] = logps[:k], logps[k:]
@@ -367,7 +370,7 @@ class CachedReference(Reference):
         self.log(f"reference log-probs for {dataset.name} cached at {path}")
 
     def live_logps(self, batch: Batch) -> mx.array:
-        return self.scorer.logps(batch)
+        return self.scorer.live_logps(batch)
 
     def as_model(self):
         return self.scorer.as_model()

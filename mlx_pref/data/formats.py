@@ -180,7 +180,7 @@ def _string(row: dict, key: str, where: str, fmt: str, completion: bool = True) 
         raise RowError(
             "wrong type", f"{where}: field '{key}' must be a string, got {_kind(value)}{hint}"
         )
-    if completion and not value.strip():
+    if completion and _blank(value):
         raise RowError("empty completion", f"{where}: field '{key}' is empty")
     return value
 
@@ -227,9 +227,16 @@ def _messages(row: dict, key: str, where: str, fmt: str, completion: bool = True
                 f"{where}: field '{key}' message {i} must be an object with string 'role' and "
                 f"'content', got {_kind(message) if not isinstance(message, dict) else message!r:.80}",
             )
-    if completion and not any(m["content"].strip() for m in value):
+    if completion and _blank(value):
         raise RowError("empty completion", f"{where}: field '{key}' has only empty messages")
     return [dict(m) for m in value]
+
+
+def _blank(value: Text) -> bool:
+    """No text to score: whitespace, or messages holding only whitespace."""
+    if isinstance(value, str):
+        return not value.strip()
+    return not any(m["content"].strip() for m in value)
 
 
 def _distinct(chosen: Text, rejected: Text, where: str) -> None:
@@ -281,8 +288,7 @@ def _implicit(row: dict, where: str, fmt: str, chat: bool) -> Record:
     _distinct(chosen, rejected, where)
     prompt, chosen, rejected = extract_prompt(chosen, rejected)
     for key, value in (("chosen", chosen), ("rejected", rejected)):
-        empty = not (any(m["content"].strip() for m in value) if chat else value.strip())
-        if empty:
+        if _blank(value):
             raise RowError(
                 "empty completion",
                 f"{where}: field '{key}' is empty once the prompt it shares with the other "
