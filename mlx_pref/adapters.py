@@ -56,6 +56,11 @@ def layer_keys(model: nn.Module, targets: list[str]) -> list[str]:
 
 def adapter_config(model: nn.Module, lora: LoraConfig) -> dict:
     """mlx-lm's adapter_config.json contents for these settings on this model."""
+    if lora.layers is not None and lora.layers > len(model.layers):
+        raise ModelError(
+            f"lora.layers is {lora.layers} but the model has {len(model.layers)} blocks; "
+            f"use at most {len(model.layers)} (or leave it out for all)"
+        )
     return {
         "fine_tune_type": "dora" if lora.dora else "lora",
         "num_layers": lora.layers or len(model.layers),

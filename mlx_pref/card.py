@@ -224,6 +224,19 @@ def _location_expr(location: str, hub: bool) -> tuple[str, list[str]]:
 def usage(base: BaseModel, fmt: str, library: str, location: str, on_hub: bool) -> list[str]:
     """How to load the export: code a reader can paste."""
     base_code, base_imports = _base_expr(base)
+    if fmt == "mlx" and base.gguf and not base.hub_id:  # mlx_lm.load reads no GGUF files
+        where, imports = _location_expr(location, on_hub)
+        code = [
+            *imports,
+            "from mlx_lm import generate",
+            "from mlx_lm.tuner.utils import load_adapters",
+            "from mlx_pref.models import load_model",
+            "",
+            f"base = load_model({base_code})  # mlx-pref reads the GGUF file",
+            f"model = load_adapters(base.model, {where})",
+            'print(generate(model, base.tokenizer, prompt="Hello", max_tokens=64))',
+        ]
+        return ["## Use with mlx-lm and mlx-pref", "", "```python", *code, "```"]
     if fmt == "mlx":
         where, imports = _location_expr(location, on_hub)
         code = [

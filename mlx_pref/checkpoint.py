@@ -17,6 +17,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from mlx_pref.errors import WriteError
+
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
@@ -43,10 +45,21 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     ``write(tmp)`` fills a temporary file beside it, which is fsynced and renamed."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    write(tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # MLX reports a failed write as RuntimeError
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"cannot write {path}: {_reason(exc)}") from None
     _fsync(path.parent)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__) + " (is the disk full?)"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -62,17 +75,22 @@ def write_checkpoint(
     if final.exists() and verify(final) is None:
         return final
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write_files(tmp)
-    manifest = {}
-    for path in sorted(tmp.iterdir()):
-        _fsync(path)
-        manifest[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
-    _fsync(tmp / MANIFEST)
-    _fsync(tmp)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        write_files(tmp)
+        manifest = {}
+        for path in sorted(tmp.iterdir()):
+            _fsync(path)
+            manifest[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
+        _fsync(tmp / MANIFEST)
+        _fsync(tmp)
+    except (OSError, RuntimeError, WriteError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        detail = str(exc) if isinstance(exc, WriteError) else _reason(exc)
+        raise WriteError(f"cannot write checkpoint {final}: {detail}") from None
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)

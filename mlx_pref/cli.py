@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import sys
 from pathlib import Path
 
 import click
-import mlx.core as mx
 
 import mlx_pref  # noqa: F401  (loads the fast BLAS before mlx.core)
 from mlx_pref import backend
@@ -45,19 +43,10 @@ TRAIN_FLAGS = {
 RESUME_OUTPUT = "<the config's output>"
 
 
-def remove_run(path: Path) -> None:
-    """``--overwrite``: delete a previous run, and nothing that does not look like one."""
-    if not path.exists():
-        return
-    markers = ("config.yaml", "checkpoints", "metrics.jsonl", "adapters.safetensors")
-    is_run = any((path / m).exists() for m in markers) or any(
-        (sub / "config.yaml").exists() for sub in path.iterdir() if sub.is_dir()
-    )  # a sweep holds runs
-    if not is_run:
-        raise MlxPrefError(f"--overwrite only replaces an mlx-pref run; {path} is not one")
-    if backend.distributed_group().rank() == 0:
-        shutil.rmtree(path)
-    backend.all_sum(mx.array(0.0)).item()  # every process waits until it is gone
+def run_inputs(cfg, config_path: str | None) -> list[str]:
+    """The local files and folders a run reads: --overwrite never removes a folder holding one."""
+    paths = [config_path, cfg.data, cfg.eval_data, cfg.model, cfg.adapter, cfg.ref_model]
+    return [p for p in paths if p and Path(str(p).split(":")[0]).expanduser().exists()]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -115,6 +104,7 @@ def train(config, resume, overwrite, quiet, **flags) -> None:
     embedded tiny model on the embedded preference data with DPO.
     """
     from mlx_pref.config import load_config
+    from mlx_pref.rundir import check_output, clear
     from mlx_pref.sweep import sweep, sweep_table
     from mlx_pref.trainer import Trainer
 
@@ -123,18 +113,33 @@ def train(config, resume, overwrite, quiet, **flags) -> None:
             f"--resume takes a run directory, not a config; for this config write: "
             f"mlx-pref train {resume} --resume"
         )
+    if resume is not None and overwrite:
+        raise MlxPrefError(
+            "--resume continues a run and --overwrite replaces one: pass one or the other"
+        )
     overrides = {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
     cfg = load_config(config, overrides)
-    if overwrite:
-        remove_run(Path(cfg.output))
-    if cfg.sweep:  # finished sub-runs are skipped and interrupted ones resumed
-        click.echo(sweep_table(sweep(cfg, verbose=not quiet)))
-        return
     if resume is not None:
         run_dir = cfg.output if resume == RESUME_OUTPUT else resume
         trainer = Trainer.resume(run_dir, overrides, verbose=not quiet)
+        if trainer.finished:
+            click.echo(
+                f"{run_dir} already finished at step {trainer.step}; nothing to do (to train "
+                f"longer: mlx-pref train --resume {run_dir} --max-steps N)"
+            )
+            return
     else:
-        trainer = Trainer(cfg, verbose=not quiet)
+        kind = "sweep" if cfg.sweep else "run"
+        protected = run_inputs(cfg, config)
+        check_output(
+            cfg.output, kind, overwrite=overwrite, protected=protected, continues=bool(cfg.sweep)
+        )
+        if cfg.sweep:  # finished sub-runs are skipped and interrupted ones resumed
+            click.echo(sweep_table(sweep(cfg, verbose=not quiet, overwrite=overwrite)))
+            return
+        trainer = Trainer(cfg, verbose=not quiet)  # model, data and options validated
+        if overwrite and trainer.is_main:
+            clear(cfg.output)
     final = trainer.train()
     if not quiet:
         keys = [
@@ -143,7 +148,7 @@ def train(config, resume, overwrite, quiet, **flags) -> None:
             if k in final
         ]
         summary = "  ".join(f"{k} {final[k]:.4f}" for k in keys)
-        click.echo(f"done: {trainer.run_dir}  {summary}")
+        click.echo(f"done: {trainer.run_dir}  {summary}".rstrip())
 
 
 @cli.command("cache-ref")
@@ -199,12 +204,19 @@ def init(template: str, output: str | None, force: bool) -> None:
     """Write a commented starter config for a loss family; it runs as written."""
     from importlib.resources import files
 
+    from mlx_pref.checkpoint import write_atomic
+
     path = Path(output or f"{template}.yaml")
+    if path.is_dir():
+        raise MlxPrefError(f"init: {path} is a folder; name a file with --output")
     if path.exists() and not force:
         raise MlxPrefError(
             f"{path} exists; pass --force to overwrite or --output to pick another file"
         )
-    path.write_text((files("mlx_pref") / "templates" / f"{template}.yaml").read_text())
+    if not path.parent.is_dir():
+        raise MlxPrefError(f"init: cannot write {path}: the folder {path.parent} does not exist")
+    text = (files("mlx_pref") / "templates" / f"{template}.yaml").read_text()
+    write_atomic(path, lambda tmp: tmp.write_text(text))
     click.echo(f"wrote {path}; train with: mlx-pref train {path}")
 
 
@@ -216,11 +228,12 @@ def init(template: str, output: str | None, force: bool) -> None:
     type=click.Path(dir_okay=False),
     help="PNG path (default: RUN_DIR/curves.png).",
 )
-def plot(run_dir: str, output: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace an existing --output file.")
+def plot(run_dir: str, output: str | None, force: bool) -> None:
     """Draw a run's training and eval curves (loss, reward accuracy, margins, beta)."""
     from mlx_pref.plot import plot_run
 
-    click.echo(f"wrote {plot_run(run_dir, output)}")
+    click.echo(f"wrote {plot_run(run_dir, output, force=force)}")
 
 
 @cli.command()
@@ -375,7 +388,14 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except MlxPrefError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(130 if isinstance(exc, Interrupted) else 2)
+        sys.exit(exc.exit_code if isinstance(exc, Interrupted) else 2)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, without a checkpoint
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except OSError as exc:  # the disk or the file system refused: name the file, nothing else
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

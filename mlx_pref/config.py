@@ -204,6 +204,8 @@ class Config:
                 _positive(key, getattr(self, key))
         if self.max_completion_length is not None:
             _positive("max_completion_length", self.max_completion_length)
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.weight_decay < 0:
@@ -336,9 +338,34 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r}")
 
 
+_FILLER = {"to", "or", "of", "the", "num", "per", "use", "is"}
+
+
+def suggest(key: str, valid: list[str]) -> str | None:
+    """The valid key a mistyped or foreign one most likely means: the one sharing most of
+    its words (``num_train_epochs`` -> ``epochs``), else a close spelling; or None."""
+    words = set(key.lower().split("_")) - _FILLER
+
+    def shared(v: str) -> float:
+        theirs = set(v.split("_")) - _FILLER
+        return len(words & theirs) / len(words | theirs) if words & theirs else 0.0
+
+    best = max(valid, key=lambda v: (shared(v), difflib.SequenceMatcher(None, key, v).ratio()))
+    if shared(best) > 0:
+        return best
+    cutoff = 0.5 if len(valid) <= 12 else 0.7
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=cutoff)
+    return close[0] if close else None
+
+
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    close = suggest(key, valid)
+    if close:
+        hint = f"; did you mean '{close}'?"
+    elif len(valid) <= 12:
+        hint = f"; valid keys: {', '.join(sorted(valid))}"
+    else:
+        hint = " (the README's configuration reference lists every key)"
     return ConfigError(f"unknown {where}key '{key}'{hint}")
 
 
@@ -439,6 +466,29 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     raw = read_yaml(path) if path else {}
     where = f"{path}: " if path else ""
     try:
-        return config_from_dict(merge(raw, overrides or {}))
+        config = config_from_dict(merge(raw, overrides or {}))
     except ConfigError as exc:
         raise ConfigError(f"{where}{exc}") from None
+    if path:
+        _check_relative_paths(config, raw, overrides or {}, Path(path))
+    return config
+
+
+PATH_KEYS = ("model", "data", "eval_data", "adapter", "ref_model")
+
+
+def _check_relative_paths(config: Config, raw: dict, overrides: dict, path: Path) -> None:
+    """Relative paths in a config file resolve from the working directory, as flags do;
+    one that only exists beside the config file gets an error saying so."""
+    for key in PATH_KEYS:
+        value = getattr(config, key)
+        if key in overrides or key not in raw or not isinstance(value, str):
+            continue
+        local = Path(value).expanduser()
+        beside = path.parent / local
+        if not local.is_absolute() and not local.exists() and beside.exists():
+            raise ConfigError(
+                f"{path}: {key}: {value} does not exist in the working directory ({Path.cwd()}), "
+                f"which relative paths are read from; it is beside the config: write {beside} "
+                "or run from there"
+            )

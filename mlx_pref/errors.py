@@ -17,8 +17,18 @@ class ModelError(MlxPrefError):
     """A model or adapter cannot be loaded (missing, offline, unsupported)."""
 
 
+class WriteError(MlxPrefError):
+    """A file could not be written (disk full, read-only); nothing half-written is left."""
+
+
 class Interrupted(MlxPrefError):
-    """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume."""
+    """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume.
+
+    ``exit_code`` is the shell's convention for the signal: 130 for SIGINT, 143 for SIGTERM."""
+
+    def __init__(self, message: str, exit_code: int = 130):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class NonFiniteError(MlxPrefError):

@@ -41,6 +41,7 @@ from mlx_pref.config import RUN_CONFIG, Config, load_config
 from mlx_pref.errors import MlxPrefError
 from mlx_pref.models import embedded_root, load_model, resolve_model_path
 from mlx_pref.progress import read_metrics
+from mlx_pref.rundir import OutputError, check_output, read_marker, record, swap_in
 
 FORMATS = ("mlx", "peft", "fused")
 CARD_FILE = "README.md"
@@ -115,6 +116,32 @@ class BaseModel:
         if self.hub_id:
             return self.hub_id
         return str(self.local_path().resolve())
+
+    def config(self) -> dict:
+        """Its Hugging Face config (for a GGUF, the one its metadata describes)."""
+        if self.gguf:
+            from mlx_pref.gguf import gguf_config, read_gguf_header
+
+            return gguf_config(*read_gguf_header(self.spec))
+        return _read_json(self.local_path() / "config.json")
+
+    def weight_names(self) -> set[str]:
+        """Its tensor names in the Hugging Face layout, read from file headers only."""
+        if self.gguf:
+            from mlx_pref.gguf import hf_tensor_names
+
+            return hf_tensor_names(self.spec)
+        return checkpoint_keys(self.local_path())
+
+    def skeleton(self) -> nn.Module:
+        """Its mlx-lm module tree, weights left unread (lazy): enough to rebuild layers."""
+        if self.gguf:
+            from mlx_lm.models import llama
+
+            return llama.Model(llama.ModelArgs.from_dict(self.config()))
+        from mlx_lm.utils import load_model as mlx_load_model
+
+        return mlx_load_model(self.local_path(), lazy=True)[0]
 
 
 @dataclass
@@ -248,7 +275,9 @@ def export_run(
     dequantize = dequantize or (fmt == "fused" and run.config.dequantize)
     writer = {"mlx": write_mlx, "peft": write_peft, "fused": write_fused}[fmt]
     return _write_folder(
-        output, lambda tmp: writer(run, info, tmp, Destination(output, repo_id), dequantize)
+        output,
+        lambda tmp: writer(run, info, tmp, Destination(output, repo_id), dequantize),
+        run.root,
     )
 
 
@@ -257,32 +286,27 @@ def _check_output(output: Path, run: Run, overwrite: bool) -> None:
     for protected in (run.root.resolve(), run.adapter_dir.resolve()):
         if target == protected or target in protected.parents:
             raise ExportError(f"--output {output} would overwrite the run itself; pick another")
-    if output.exists() and not output.is_dir():
-        raise ExportError(f"--output {output} is a file, not a directory")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ExportError(
-            f"--output {output} exists and is not empty; pick another or pass --overwrite"
-        )
+    try:
+        check_output(output, "export", overwrite=overwrite, protected=[run.root])
+    except OutputError as exc:
+        raise ExportError(str(exc)) from None
 
 
-def _write_folder(output: Path, fill: Callable[[Path], None]) -> Path:
-    """Fill a temporary sibling folder, then swap it in for ``output``."""
+def _write_folder(output: Path, fill: Callable[[Path], None], run_root: Path) -> Path:
+    """Fill a temporary sibling folder, then swap it in for ``output``; an export inside
+    the run directory is listed in the run's marker."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".tmp-{output.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         fill(tmp)
+        if output.parent.resolve() == run_root.resolve() and read_marker(run_root):
+            record(run_root, output.name)
+        swap_in(output, tmp, "export")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if output.exists():
-        old = output.with_name(f".old-{output.name}-{os.getpid()}")
-        os.rename(output, old)
-        os.rename(tmp, output)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, output)
     return output
 
 
@@ -321,16 +345,15 @@ class AdapterLayout:
     """The LM head reuses the input embedding (there is no ``lm_head`` module)."""
 
 
-def adapter_layout(base_path: Path, adapter_config: dict) -> AdapterLayout:
+def adapter_layout(base: BaseModel, adapter_config: dict) -> AdapterLayout:
     """Rebuild the run's adapter layers on the base with mlx-lm; weights stay unread (lazy)."""
     from mlx_lm.tuner.utils import linear_to_lora_layers
-    from mlx_lm.utils import load_model as mlx_load_model
 
     kind = adapter_config.get("fine_tune_type", "lora")
     if kind not in ("lora", "dora"):
         raise ExportError(f"fine_tune_type {kind!r} is not an adapter; only lora and dora export")
     try:
-        model, _ = mlx_load_model(base_path, lazy=True)
+        model = base.skeleton()
         base_modules = {name for name, _ in model.named_modules() if name}
         linear_to_lora_layers(
             model,
@@ -339,7 +362,7 @@ def adapter_layout(base_path: Path, adapter_config: dict) -> AdapterLayout:
             use_dora=kind == "dora",
         )
     except (ValueError, KeyError, FileNotFoundError) as exc:
-        raise ExportError(f"cannot rebuild the adapter layers on {base_path}: {exc}") from None
+        raise ExportError(f"cannot rebuild the adapter layers on {base.name}: {exc}") from None
     modules = {n: m for n, m in model.named_modules() if hasattr(m, "lora_a")}
     return AdapterLayout(modules, base_modules, PEFT_TIED_HEAD not in base_modules)
 
@@ -464,21 +487,20 @@ def write_peft(run: Run, base: BaseModel, out: Path, dest: Destination, dequanti
     """A PEFT LoRA/DoRA adapter for the original Hugging Face model, plus a model card."""
     from mlx_pref.card import model_card
 
-    if base.gguf:
+    if base.gguf and not base.hub_id:
         raise ExportError(
-            f"the run's base is a GGUF file ({base.spec}); a PEFT adapter needs the Hugging Face "
-            "model it came from. Export --format mlx, or train on the Hugging Face model"
+            f"the run's base is a GGUF file ({base.spec}); a PEFT adapter applies to the Hugging "
+            "Face model it came from: name it with --base-model ORG/NAME"
         )
-    base_path = base.local_path()
     weights = mx.load(str(run.adapter_dir / ADAPTER_FILE))
-    layout = adapter_layout(base_path, run.adapter_config)
+    layout = adapter_layout(base, run.adapter_config)
     modules = layout.modules
     _check_weights(modules, weights, run.dora)
-    keys = checkpoint_keys(base_path)
+    keys = base.weight_names()
     renamed = sorted(p for p in modules if f"{p}.weight" not in keys)
     if renamed:
         raise ExportError(
-            f"{_listing('modules', renamed)}: no such weights in the base checkpoint {base_path}, "
+            f"{_listing('modules', renamed)}: no such weights in the base checkpoint {base.name}, "
             "so MLX and Hugging Face name them differently; export --format fused or mlx"
         )
     tensors = peft_tensors(modules, weights, layout.tied)
@@ -496,20 +518,27 @@ def write_peft(run: Run, base: BaseModel, out: Path, dest: Destination, dequanti
             "peft",
             dest.output,
             dest.repo_id,
-            _peft_notes(run, base_path, tied_embedding),
+            _peft_notes(run, base, tied_embedding),
         )
     )
 
 
-def _peft_notes(run: Run, base_path: Path, tied_embedding: bool) -> list[str]:
+def _peft_notes(run: Run, base: BaseModel, tied_embedding: bool) -> list[str]:
     notes = []
-    if run.config.quantization or "quantization" in _read_json(base_path / "config.json"):
+    mlx_quantized = not base.gguf and "quantization" in base.config()
+    if base.gguf:
+        notes.append(
+            f"Trained on the GGUF file {Path(base.spec).name}; the adapter applies to the "
+            f"Hugging Face model {base.hub_id} it was converted from (a quantized GGUF gives "
+            "outputs close to, not identical with, the float model's)."
+        )
+    elif run.config.quantization or mlx_quantized:
         notes.append(
             "Trained on a quantized copy of the base model (QLoRA). The PEFT adapter applies to "
             "the original float model; its outputs are close to, not identical with, those of "
             "the quantized model used in training."
         )
-    if "quantization" in _read_json(base_path / "config.json"):
+    if mlx_quantized:
         notes.append(
             "The base named here is an MLX-quantized checkpoint, which transformers cannot load: "
             "load the float model it was made from (export with --base-model to record it)."
@@ -542,13 +571,13 @@ def write_fused(run: Run, base: BaseModel, out: Path, dest: Destination, dequant
 
     from mlx_pref.card import model_card
 
-    if base.gguf:
-        raise ExportError(
-            f"the run's base is a GGUF file ({base.spec}); a fused Hugging Face model needs a "
-            "Hugging Face base. Export --format mlx instead"
-        )
     cfg = run.config
-    loaded = load_model(cfg.model, quantization_bits=cfg.quantization_bits, dtype=cfg.dtype)
+    loaded = load_model(
+        cfg.model,
+        quantization_bits=cfg.quantization_bits,
+        dtype=cfg.dtype,
+        dequantize=dequantize and base.gguf,
+    )
     model = loaded.model
     try:
         load_adapters(model, str(run.adapter_dir))
@@ -566,7 +595,9 @@ def write_fused(run: Run, base: BaseModel, out: Path, dest: Destination, dequant
         model = dequantize_model(model)
     weights = dict(tree_flatten(model.parameters()))
     quantization = _quantization(model)
-    hf_layout = quantization is None and set(weights) <= checkpoint_keys(loaded.path)
+    if base.gguf and quantization is not None:  # a GGUF's per-tensor bits, as loaded
+        quantization = loaded.config.get("quantization", quantization)
+    hf_layout = quantization is None and set(weights) <= base.weight_names()
     metadata = {"format": "pt" if hf_layout else "mlx"}
     shards = make_shards(weights)
     names = (
@@ -582,9 +613,13 @@ def write_fused(run: Run, base: BaseModel, out: Path, dest: Destination, dequant
             "weight_map": {k: n for n, s in zip(names, shards, strict=True) for k in sorted(s)},
         }
         _write_json(out / "model.safetensors.index.json", index)
-    config = fused_config(_read_json(loaded.path / "config.json"), weights, quantization)
+    config = fused_config(base.config(), weights, quantization)
     _write_json(out / "config.json", config)
-    _copy_tokenizer(loaded.path, out, config)
+    if base.gguf:  # the tokenizer the GGUF describes, in transformers' files
+        loaded.tokenizer._tokenizer.save_pretrained(str(out))
+        _write_json(out / GENERATION_CONFIG, _token_ids(config))
+    else:
+        _copy_tokenizer(loaded.path, out, config)
     library = "transformers" if hf_layout else "mlx"
     notes = _fused_notes(run, quantization, hf_layout, dequantize)
     (out / CARD_FILE).write_text(
@@ -625,12 +660,12 @@ def _copy_tokenizer(src: Path, out: Path, config: dict) -> None:
         for file in src.glob(pattern):
             shutil.copyfile(file, out / file.name)
     if not (out / GENERATION_CONFIG).exists():
-        ids = {
-            k: config[k]
-            for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-            if config.get(k) is not None
-        }
-        _write_json(out / GENERATION_CONFIG, ids)
+        _write_json(out / GENERATION_CONFIG, _token_ids(config))
+
+
+def _token_ids(config: dict) -> dict:
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {k: config[k] for k in keys if config.get(k) is not None}
 
 
 def _fused_notes(

@@ -100,6 +100,17 @@ def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], dict[str, dict]]
     byte offset}``. Read here rather than through ``mx.load`` so that unsupported types
     are reported by name before MLX converts or rejects them.
     """
+    try:
+        return _parse_header(path)
+    except (struct.error, ValueError, OverflowError, UnicodeDecodeError, MemoryError) as exc:
+        if isinstance(exc, GGUFError):
+            raise
+        raise GGUFError(f"{path}: truncated or damaged GGUF file ({exc})") from None
+
+
+def _parse_header(path: str | Path) -> tuple[dict[str, Any], dict[str, dict]]:
+    if Path(path).stat().st_size < 24:
+        raise GGUFError(f"{path}: not a GGUF file (only {Path(path).stat().st_size} bytes)")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != b"GGUF":
             raise GGUFError(f"{path}: not a GGUF file")
@@ -229,6 +240,11 @@ def _hf_name(name: str) -> str:
     elif base in _TOP_NAMES:
         return f"{_TOP_NAMES[base]}.{suffix}"
     raise GGUFError(f"tensor {name!r} has no place in a llama model")
+
+
+def hf_tensor_names(path: str | Path) -> set[str]:
+    """The Hugging Face names of a GGUF's tensors (header only)."""
+    return {_hf_name(name) for name in read_gguf_header(path)[1]}
 
 
 def _unpermute(w: mx.array, n_heads: int) -> mx.array:
@@ -456,7 +472,10 @@ def load_gguf(
         tokenizer = gguf_tokenizer(meta)
     except GGUFError as e:
         raise GGUFError(f"{path}: {e}") from None
-    weights, quant = _load_weights(path, tensors, config, dequantize, dtype)
+    try:
+        weights, quant = _load_weights(path, tensors, config, dequantize, dtype)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise GGUFError(f"{path}: cannot read its tensors, truncated or damaged? ({exc})") from None
 
     model = llama.Model(llama.ModelArgs.from_dict(config))
     if quant:

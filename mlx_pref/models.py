@@ -6,6 +6,7 @@ the embedded tiny model, optional quantization of the base (QLoRA) and a dtype c
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +85,45 @@ def resolve_model_path(spec: str | None) -> Path:
         ) from None
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first line (library errors can run to dozens)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _damaged_weights(path: Path) -> Path | None:
+    """The first weight file in ``path`` that does not read whole (after a failed load)."""
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            mx.eval(list(mx.load(str(file)).values()))
+        except (RuntimeError, ValueError, OSError):
+            return file
+    return None
+
+
+def read_model_config(path: Path) -> dict:
+    """A model folder's config.json, or a one-line ModelError."""
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path / 'config.json'}: cannot read it ({first_line(exc)})") from None
+
+
+def load_checked_tokenizer(path: Path, eos_token_ids=None):
+    """mlx-lm's tokenizer for a model folder, or a one-line ModelError saying what is missing."""
+    from mlx_lm.utils import load_tokenizer
+
+    try:
+        return load_tokenizer(path, eos_token_ids=eos_token_ids)
+    except (ValueError, OSError, RuntimeError, TypeError) as exc:
+        if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer.model")):
+            raise ModelError(
+                f"{path} has no tokenizer (tokenizer.json or tokenizer.model); copy the "
+                "tokenizer files of the model it came from into it"
+            ) from None
+        raise ModelError(f"cannot load the tokenizer in {path}: {first_line(exc)}") from None
+
+
 def _quantizable(path: str, module: nn.Module) -> bool:
     """Layers whose rows split into whole quantization groups."""
     weight = getattr(module, "weight", None)
@@ -156,15 +196,16 @@ def load_model(
             raise ModelError(str(exc)) from None
         path = Path(spec)
     else:
-        from mlx_lm.utils import dequantize_model, load_tokenizer
+        from mlx_lm.utils import dequantize_model
         from mlx_lm.utils import load_model as mlx_load_model
 
         path = resolve_model_path(spec)
         try:
             model, config = mlx_load_model(path, lazy=False)
-        except ValueError as exc:
-            raise ModelError(f"cannot load the model in {path}: {exc}") from None
-        tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        except (ValueError, RuntimeError, OSError) as exc:  # RuntimeError: a damaged file
+            where = _damaged_weights(path) or path
+            raise ModelError(f"cannot load the model in {where}: {first_line(exc)}") from None
+        tokenizer = load_checked_tokenizer(path, config.get("eos_token_id"))
         if dequantize:
             model = dequantize_model(model)
     if dtype is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -90,8 +91,13 @@ class Progress:
             if key in metrics:
                 parts.append(f"{label} {_fmt(metrics[key])}")
         parts.append(f"eta {eta_s}")
-        self.stream.write("\r" + "  ".join(parts) + "\033[K")
+        columns = shutil.get_terminal_size((80, 24)).columns
+        self.stream.write("\r" + "  ".join(parts)[: columns - 1] + "\033[K")
         self.stream.flush()
+
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent outside training steps (evaluation) out of the ETA."""
+        self.t0 += seconds
 
     def message(self, text: str) -> None:
         """A line that stays (logged metrics, eval results, checkpoints)."""

@@ -34,7 +34,7 @@ import numpy as np
 from mlx_pref.adapters import adapter_parameters, adapters_disabled, set_adapter_parameters
 from mlx_pref.backend import all_sum, distributed_group
 from mlx_pref.checkpoint import write_atomic
-from mlx_pref.data.batching import Batch, iterate_batches
+from mlx_pref.data.batching import Batch, drawn_from, iterate_batches
 from mlx_pref.logps import row_logps, sequence_logps
 from mlx_pref.progress import Progress
 
@@ -376,6 +376,9 @@ class CachedReference(Reference):
         return self.scorer.as_model()
 
     def logps(self, batch: Batch, split: str = "train") -> mx.array:
+        dataset = self.datasets.get(split)
+        if dataset is None or not drawn_from(batch, dataset.examples):
+            return self.scorer.live_logps(batch)  # not a batch of the cached rows
         values = self._values(split)
         idx = batch.indices
         if batch.paired:

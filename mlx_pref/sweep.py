@@ -7,32 +7,51 @@ from pathlib import Path
 
 from mlx_pref.checkpoint import list_checkpoints
 from mlx_pref.config import Config
-from mlx_pref.trainer import Trainer
+from mlx_pref.rundir import claim, clear
+from mlx_pref.trainer import Trainer, check_loss_fits_data
 
 
-def sweep(config: Config, verbose: bool = True) -> list[tuple[str, dict[str, float]]]:
+def sweep(
+    config: Config, verbose: bool = True, overwrite: bool = False
+) -> list[tuple[str, dict[str, float]]]:
     """One run per loss in ``config.sweep``, into ``output/<loss>``; returns final metrics.
 
     The runs share the reference cache (same model and data give the same fingerprint),
     so the reference is scored once. A finished sub-run is skipped and an interrupted
-    one resumed, so re-running a sweep continues it.
+    one resumed, so re-running a sweep continues it. Every loss is checked against the
+    data before the first one trains; ``overwrite`` then replaces an earlier sweep.
     """
+    names = config.sweep or [config.loss]
+    subs = [
+        dataclasses.replace(config, loss=name, sweep=None, output=str(Path(config.output) / name))
+        for name in names
+    ]
+    first = None
+    for sub in subs:
+        sub.validate()
+        if not list_checkpoints(Path(sub.output)) or overwrite:
+            first = first or Trainer(sub, verbose=verbose)
+    if first is not None:
+        for sub in subs:
+            check_loss_fits_data(sub.loss, first.train_set, first.eval_set)
+    if overwrite:
+        clear(config.output)
+    claim(config.output, "sweep", names)
     results = []
-    for name in config.sweep or [config.loss]:
-        sub = dataclasses.replace(
-            config, loss=name, sweep=None, output=str(Path(config.output) / name)
-        )
+    for sub in subs:
         run_dir = Path(sub.output)
         if list_checkpoints(run_dir):
             trainer = Trainer.resume(run_dir, verbose=verbose)
-            if trainer.step >= trainer.total_steps:
+            if trainer.finished:
                 records = trainer.metrics_log.read()
                 final = {k: v for r in records for k, v in r.items()}
-                results.append((name, final))
+                results.append((sub.loss, final))
                 continue
+        elif first is not None and first.config is sub:
+            trainer, first = first, None
         else:
             trainer = Trainer(sub, verbose=verbose)
-        results.append((name, trainer.train()))
+        results.append((sub.loss, trainer.train()))
     return results
 
 

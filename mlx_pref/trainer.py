@@ -28,6 +28,7 @@ from mlx_lm.tuner.utils import load_adapters
 
 from mlx_pref import backend
 from mlx_pref.adapters import (
+    ADAPTER_CONFIG,
     ADAPTER_FILE,
     adapter_parameters,
     apply_lora,
@@ -36,16 +37,16 @@ from mlx_pref.adapters import (
     set_adapter_parameters,
 )
 from mlx_pref.checkpoint import (
+    CHECKPOINTS,
     STATE,
     checkpoint_dir,
     latest_valid,
-    list_checkpoints,
     read_state,
     remove_after,
     write_checkpoint,
 )
 from mlx_pref.config import RUN_CONFIG, Config, load_config
-from mlx_pref.data import Batch, Dataset, collate, load_datasets
+from mlx_pref.data import Batch, Dataset, collate, data_warnings, load_datasets
 from mlx_pref.data.batching import batch_order, mismatched
 from mlx_pref.errors import ConfigError, Interrupted, NonFiniteError
 from mlx_pref.logps import row_logps, sequence_logps, set_compile, split_lm, wpo_weights
@@ -61,7 +62,7 @@ from mlx_pref.losses import (
     sample_prompt_indices,
 )
 from mlx_pref.models import LoadedModel, enable_grad_checkpoint, load_model
-from mlx_pref.progress import MetricsLog, Progress, format_metrics
+from mlx_pref.progress import METRICS_FILE, MetricsLog, Progress, format_metrics
 from mlx_pref.reference import (
     CachedReference,
     LiveReference,
@@ -72,6 +73,7 @@ from mlx_pref.reference import (
     model_fingerprint,
     reference_weights,
 )
+from mlx_pref.rundir import check_output, claim, legacy_run, read_marker
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 REF_ADAPTER_FILE = "reference_adapters.safetensors"
@@ -139,6 +141,22 @@ def batch_metrics(
     return out
 
 
+def check_loss_fits_data(loss, train_set: Dataset, eval_set: Dataset | None) -> None:
+    """Paired losses need pairs; the held-out set must be of the training set's kind."""
+    paired_only = [get_loss(name).name for name in parse_loss(loss) if get_loss(name).paired]
+    if paired_only and not train_set.paired:
+        raise ConfigError(
+            f"loss {', '.join(paired_only)} needs paired data (prompt/chosen/rejected) but "
+            f"{train_set.name} holds unpaired rows (prompt/completion/label): "
+            "use loss: bco or kto"
+        )
+    if eval_set is not None and eval_set.paired != train_set.paired:
+        raise ConfigError(
+            f"eval_data {eval_set.name} is {'paired' if eval_set.paired else 'unpaired'} but "
+            f"the training data is {'paired' if train_set.paired else 'unpaired'}"
+        )
+
+
 class Trainer:
     """Preference optimisation of LoRA adapters on one model, driven by a Config."""
 
@@ -176,19 +194,9 @@ class Trainer:
         self._orders: dict[int, list[np.ndarray]] = {}
         self.loss_weights = parse_loss(cfg.loss)
         self.loss_specs = [get_loss(name) for name in self.loss_weights]
-        paired_only = [s.name for s in self.loss_specs if s.paired]
-        if paired_only and not self.train_set.paired:
-            raise ConfigError(
-                f"loss {', '.join(paired_only)} needs paired data (prompt/chosen/rejected) but "
-                f"{self.train_set.name} holds unpaired rows (prompt/completion/label): "
-                "use loss: bco or kto"
-            )
-        held_out = self.eval_set
-        if held_out is not None and held_out.paired != self.train_set.paired:
-            raise ConfigError(
-                f"eval_data {held_out.name} is {'paired' if held_out.paired else 'unpaired'} but "
-                f"the training data is {'paired' if self.train_set.paired else 'unpaired'}"
-            )
+        check_loss_fits_data(cfg.loss, self.train_set, self.eval_set)
+        for line in data_warnings(self.train_set, cfg):
+            self._log(line)
         if (cfg.use_weighting or cfg.ld_alpha is not None) and not self.train_set.paired:
             raise ConfigError(
                 "use_weighting (WPO) and ld_alpha (LD-DPO) weigh pairs: they need paired data"
@@ -213,8 +221,10 @@ class Trainer:
                     "or set HF_TOKEN before training"
                 )
         self.loss_state = LossState()
-        self.reference_free = not any(s.needs_reference for s in self.loss_specs) or bool(
-            cfg.loss_params.get("reference_free")
+        # ``reference_free: true`` drops the reference from the loss only: as in TRL, the
+        # logged rewards still subtract it, unless ``reference: none`` says to skip it.
+        self.reference_free = not any(s.needs_reference for s in self.loss_specs) or (
+            bool(cfg.loss_params.get("reference_free")) and cfg.reference == "none"
         )
         self.kto_kl = "kto" in self.loss_weights
         self._check_loss_options()
@@ -240,6 +250,8 @@ class Trainer:
         self.progress.total = self.total_steps
         self._loss_and_grad = nn.value_and_grad(self.model, self._loss)
         self._interrupted = False
+        self.resumed = False
+        """Built by ``resume``: the run directory is already this run's."""
 
     # ----------------------------------------------------------------- pieces
     def _attach_adapters(self) -> tuple[dict, dict | None]:
@@ -266,16 +278,18 @@ class Trainer:
     def _make_reference(self, sft_weights: dict | None) -> Reference:
         """The reference strategy for this config, with the reason it was chosen."""
         cfg = self.config
+        ignores_reference = self.reference_free or cfg.loss_params.get("reference_free")
+        if ignores_reference and (cfg.ref_regen_epochs or cfg.sync_ref_model):
+            raise ConfigError(
+                f"loss {cfg.loss} is reference-free: ref_regen_epochs / sync_ref_model do not apply"
+            )
         if self.reference_free:
-            if cfg.ref_regen_epochs or cfg.sync_ref_model:
-                raise ConfigError(
-                    f"loss {cfg.loss} is reference-free: ref_regen_epochs / sync_ref_model do not apply"
-                )
             if cfg.reference not in ("auto", "none"):
                 self._log(
                     f"note: loss {cfg.loss} is reference-free; ignoring reference: {cfg.reference}"
                 )
-            return Reference("the loss is reference-free")
+            why = "reference: none" if cfg.reference == "none" else "the loss is reference-free"
+            return Reference(why + " (rewards are beta * log pi)")
         if cfg.reference == "none":
             raise ConfigError(
                 f"loss {cfg.loss} needs a reference; 'reference: none' is for reference-free "
@@ -509,7 +523,8 @@ class Trainer:
         if cfg.use_weighting:
             extra["policy_weights"] = wpo_weights(seq, batch)
         if cfg.ld_alpha is not None:  # the NLL term uses true sums, not LD-weighted ones
-            extra["chosen_nll"] = -seq.sums[chosen_idx] / lengths[chosen_idx]
+            tokens = mx.maximum(lengths[chosen_idx].sum(), 1).astype(mx.float32)
+            extra["chosen_nll"] = -seq.sums[chosen_idx].sum() / tokens
         if ctx.policy_kl is not None:
             extra["policy_kl_logps"], extra["ref_kl_logps"] = ctx.policy_kl, ctx.ref_kl
         if ctx.udm is not None:
@@ -635,15 +650,11 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Train to ``total_steps``; returns the final metrics (train and eval)."""
         cfg = self.config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.step == 0:
-            if list_checkpoints(self.run_dir):
-                raise ConfigError(
-                    f"{self.run_dir} already holds a run; continue it with "
-                    f"'mlx-pref train --resume {self.run_dir}', or pick another --output "
-                    "(or pass --overwrite)"
-                )
             if self.is_main:
+                if not self.resumed:
+                    check_output(self.run_dir, "run")
+                claim(self.run_dir, "run", self.run_files())
                 cfg.save(self.run_dir / RUN_CONFIG)
             self.metrics_log.truncate_after(0)
             self.samples_log.truncate_after(0)
@@ -680,7 +691,8 @@ class Trainer:
                     self.save_checkpoint()
                     raise Interrupted(
                         f"interrupted at step {self.step}; checkpoint saved. Resume with: "
-                        f"mlx-pref train --resume {self.run_dir}"
+                        f"mlx-pref train --resume {self.run_dir}",
+                        128 + int(self._interrupted or signal.SIGINT),
                     )
         finally:
             for signum, handler in previous.items():
@@ -698,6 +710,11 @@ class Trainer:
                 f"exported to {folder} and pushed to https://huggingface.co/{cfg.push_to_hub}"
             )
         return last
+
+    def run_files(self) -> list[str]:
+        """The names this run writes in its directory (listed in its ownership marker)."""
+        files = [RUN_CONFIG, METRICS_FILE, CHECKPOINTS, ADAPTER_FILE, ADAPTER_CONFIG]
+        return files + ([SAMPLES_FILE] if self.config.generate_during_eval else [])
 
     def _refresh_reference(self) -> None:
         """Regenerate (every N epochs, never at 0) or TR-DPO-sync the reference before a step."""
@@ -757,8 +774,6 @@ class Trainer:
         self.loss_state.load_state_dict(state["loss_state"])
         self.window = state["log_window"]
         mx.eval(self.model.parameters(), self.optimizer.state)
-        self.metrics_log.truncate_after(self.step)
-        self.samples_log.truncate_after(self.step)
         self.progress.start = self.step
 
     @classmethod
@@ -775,6 +790,8 @@ class Trainer:
         run_dir = Path(run_dir)
         if not (run_dir / RUN_CONFIG).exists():
             raise ConfigError(f"{run_dir} is not a run directory: {RUN_CONFIG} is missing")
+        if read_marker(run_dir) is None and not legacy_run(run_dir):
+            raise ConfigError(f"{run_dir} is not an mlx-pref run directory (no marker)")
         saved = load_config(run_dir / RUN_CONFIG)
         overrides = {k: v for k, v in (overrides or {}).items() if k != "output"}
         config = load_config(run_dir / RUN_CONFIG, {**overrides, "output": str(saved.output)})
@@ -794,19 +811,34 @@ class Trainer:
             )
         config = dataclasses.replace(config, output=str(run_dir))
         trainer = cls(config, verbose=verbose)
-        if changed and trainer.is_main:
-            config.save(run_dir / RUN_CONFIG)
+        trainer.resumed = True
         path = latest_valid(run_dir, warn=trainer._log)
         if path is None:
             trainer._log(f"no intact checkpoint in {run_dir}: starting from step 0")
-            if trainer.is_main:
-                remove_after(run_dir, -1)
         else:
             trainer.load_checkpoint(path)
-            if trainer.is_main:  # checkpoints past this one were damaged or are stale now
-                remove_after(run_dir, trainer.step)
+        if trainer.step > trainer.total_steps:
+            raise ConfigError(
+                f"{run_dir} is at step {trainer.step}, past the {trainer.total_steps} steps "
+                "asked for; pass a larger --max-steps (or --epochs) to train longer"
+            )
+        if trainer.step == trainer.total_steps:
+            return trainer  # finished: nothing is written
+        if trainer.is_main:
+            claim(run_dir, "run", trainer.run_files())
+            if changed:
+                config.save(run_dir / RUN_CONFIG)
+            # checkpoints and log records past this one were damaged or are stale now
+            remove_after(run_dir, trainer.step if path else -1)
+        trainer.metrics_log.truncate_after(trainer.step)
+        trainer.samples_log.truncate_after(trainer.step)
+        if path is not None:
             trainer._log(f"resumed from {path} (step {trainer.step})")
         return trainer
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
 
     def _install_signal_handlers(self) -> dict:
         """Ctrl-C and SIGTERM (what schedulers send) stop after the current step with a
@@ -822,14 +854,17 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """Whether any process was asked to stop: all processes stop at the same step."""
         if self.world == 1:
-            return self._interrupted
-        return float(backend.all_sum(mx.array(float(self._interrupted)))) > 0
+            return bool(self._interrupted)
+        return float(backend.all_sum(mx.array(float(bool(self._interrupted))))) > 0
 
     def _on_sigint(self, signum, frame) -> None:
-        if self._interrupted:  # a second Ctrl-C stops at once
+        if self._interrupted:  # a second signal stops at once
             raise KeyboardInterrupt
-        self._interrupted = True
-        self._log("stopping after this step (Ctrl-C again to abort without saving)...")
+        self._interrupted = signum
+        if signum == signal.SIGINT:
+            self._log("stopping after this step (Ctrl-C again to abort without saving)...")
+        else:
+            self._log(f"{signal.Signals(signum).name}: stopping after this step and saving...")
 
     def _log_window(self, window: list[dict]) -> dict:
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
@@ -870,6 +905,7 @@ class Trainer:
         return out
 
     def _log_eval(self) -> dict:
+        t0 = time.perf_counter()
         metrics = self.evaluate()
         if self.config.generate_during_eval and self.is_main:
             for row in self.generate_samples():
@@ -877,6 +913,8 @@ class Trainer:
         if metrics:
             self.metrics_log.write({"step": self.step, **metrics})
             self._log(f"eval step {self.step}: " + format_metrics(metrics, EVAL_KEYS))
+        mx.clear_cache()  # evaluation's buffers are not the training step's
+        self.progress.exclude(time.perf_counter() - t0)
         return metrics
 
 

@@ -77,9 +77,14 @@ def dpo_reference(
     shift) are TRL 0.28's; TRL 1.16 is ``eps = 0``, ``delta = 0`` there.
     """
     c, r = np.asarray(c, np.float64), np.asarray(r, np.float64)
+    given = rc is not None
+    if given:  # TRL 0.28's rewards subtract the reference even under reference_free
+        reward_rc, reward_rr = np.asarray(rc, np.float64), np.asarray(rr, np.float64)
     if reference_free or rc is None:
         rc, rr = np.zeros_like(c), np.zeros_like(r)
     rc, rr = np.asarray(rc, np.float64), np.asarray(rr, np.float64)
+    if not given:
+        reward_rc, reward_rr = rc, rr
     chosen_logratios = c - rc
     rejected_logratios = r - rr
     cs = f_scores(chosen_logratios, f_type, coef)
@@ -141,7 +146,7 @@ def dpo_reference(
         out = out + rpo_alpha * nll
     if weights is not None:
         out = out * weights
-    return out, b * chosen_logratios, b * rejected_logratios
+    return out, b * (c - reward_rc), b * (r - reward_rr)
 
 
 def alphapo(logps, alpha):

@@ -506,9 +506,18 @@ def test_output_is_never_clobbered_by_accident(tmp_path, lora_run):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="not empty"):
         export_run(lora_run, "mlx", out)
+    # --overwrite replaces only an earlier export, never a folder of the user's.
+    with pytest.raises(ExportError, match="not empty and is not an mlx-pref export"):
+        export_run(lora_run, "mlx", out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "mine"
+    out = tmp_path / "fresh"
+    export_run(lora_run, "mlx", out)
+    with pytest.raises(ExportError, match="already holds an export"):
+        export_run(lora_run, "mlx", out)
     export_run(lora_run, "mlx", out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [
+        ".mlx-pref.json",
         "README.md",
         "adapter_config.json",
         "adapters.safetensors",

@@ -299,13 +299,18 @@ def test_reference_free():
     c, r, rc, rr, lc, lr = pairs(6)
     for name in ["sigmoid", "ipo", "apo_zero", "aot"]:
         out = L.preference_loss(name, c, r, rc, rr, lc, lr, beta=0.1, reference_free=True)
-        losses, cr, rj = ref.dpo_reference(name, c, r, None, None, lc, lr, beta=0.1)
+        losses, cr, rj = ref.dpo_reference(
+            name, c, r, rc, rr, lc, lr, beta=0.1, reference_free=True
+        )
         close(out.losses, losses)
+        # TRL 0.28 logs rewards against the reference even when the loss ignores it.
+        close(out.chosen_rewards, 0.1 * (f64(c) - f64(rc)))
         close(out.chosen_rewards, cr)
         close(out.rejected_rewards, rj)
-        # Same result without passing reference log-probs at all.
+        # The same loss without reference log-probs at all; rewards are then beta * log pi.
         bare = L.preference_loss(name, c, r, None, None, lc, lr, beta=0.1, reference_free=True)
         close(bare.losses, losses)
+        close(bare.chosen_rewards, 0.1 * f64(c))
 
 
 def test_reference_required_unless_reference_free():

@@ -86,8 +86,11 @@ def test_auto_picks_cache_or_none_and_says_why(make_config):
     assert isinstance(dpo.reference, CachedReference) and dpo.reference.reason.startswith("auto:")
     simpo = Trainer(make_config(loss="simpo"), verbose=False)
     assert simpo.reference.name == "none" and "reference-free" in simpo.reference.reason
+    # reference_free drops the reference from the loss; TRL's rewards still use it.
     free = Trainer(make_config(reference_free=True), verbose=False)
-    assert free.reference.name == "none"
+    assert isinstance(free.reference, CachedReference)
+    bare = Trainer(make_config(reference_free=True, reference="none"), verbose=False)
+    assert bare.reference.name == "none" and "reference: none" in bare.reference.reason
     with pytest.raises(ConfigError, match="needs a reference; 'reference: none' is for"):
         Trainer(make_config(reference="none"), verbose=False)
     with pytest.raises(ConfigError, match="reference: model needs ref_model"):

@@ -45,6 +45,7 @@ __all__ = [
     "UnpairedExample",
     "batch_order",
     "collate",
+    "data_warnings",
     "detect_format",
     "embedded_data",
     "extract_prompt",
@@ -139,6 +140,29 @@ def split_dataset(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset
         Dataset([examples[i] for i in keep], dataset.name, dataset.report),
         Dataset([examples[i] for i in held], f"{dataset.name} (eval split)", dataset.report),
     )
+
+
+SHORT_PROMPT = 2
+"""Prompts cut to this many tokens or fewer have lost their meaning."""
+
+
+def data_warnings(dataset: Dataset, cfg) -> list[str]:
+    """What a user should hear before training on ``dataset`` under ``cfg``."""
+    out = []
+    n = len(dataset)
+    cut = sum(len(e.prompt) <= SHORT_PROMPT for e in dataset.examples)
+    if dataset.report.prompt_truncated and cut > n / 2:
+        out.append(
+            f"warning: max_length {cfg.max_length} leaves {SHORT_PROMPT} prompt tokens or fewer "
+            f"in {cut} of {n} examples of {dataset.name}: raise max_length or set "
+            "max_completion_length"
+        )
+    if cfg.batch_size > n:
+        out.append(
+            f"note: batch_size {cfg.batch_size} is larger than the {n} examples of "
+            f"{dataset.name}: every step sees all of them"
+        )
+    return out
 
 
 def load_datasets(cfg, tokenizer) -> tuple[Dataset, Dataset | None]:

@@ -122,6 +122,29 @@ def collate(examples: Sequence[Example], indices: Sequence[int] | None = None) -
     )
 
 
+def drawn_from(batch: Batch, examples: Sequence[Example]) -> bool:
+    """Whether ``batch`` holds exactly ``examples[batch.indices]`` (a hand-built batch with
+    the same indices does not: per-example caches must not answer for it)."""
+    idx = batch.indices
+    if len(idx) == 0 or idx.min() < 0 or idx.max() >= len(examples):
+        return False
+    picked = [examples[i] for i in idx]
+    if batch.paired != isinstance(picked[0], PairExample):
+        return False
+    rows = (
+        [(e.prompt, e.chosen) for e in picked] + [(e.prompt, e.rejected) for e in picked]
+        if batch.paired
+        else [(e.prompt, e.completion) for e in picked]
+    )
+    if len(rows) != len(batch.lengths):
+        return False
+    return all(
+        batch.lengths[i] == len(p) + len(c)
+        and np.array_equal(batch.tokens[i, : batch.lengths[i]], np.asarray(p + c))
+        for i, (p, c) in enumerate(rows)
+    )
+
+
 def batch_order(
     lengths: Sequence[int],
     batch_size: int,

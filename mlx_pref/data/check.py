@@ -122,16 +122,14 @@ def check_dataset(
 
 def load_tokenizer(spec: str | None):
     """Only the tokenizer of a model (directory, Hub id, ``.gguf``, or the embedded one)."""
+    from mlx_pref.models import (
+        load_checked_tokenizer,
+        load_model,
+        read_model_config,
+        resolve_model_path,
+    )
+
     if spec is not None and str(spec).endswith(".gguf"):
-        from mlx_pref.models import load_model
-
         return load_model(spec).tokenizer
-    import json
-
-    from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
-
-    from mlx_pref.models import resolve_model_path
-
     path = resolve_model_path(spec)
-    config = json.loads((path / "config.json").read_text())
-    return mlx_load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    return load_checked_tokenizer(path, read_model_config(path).get("eos_token_id"))

@@ -143,6 +143,12 @@ def undetectable_message(row: RawRow) -> str:
 # ----------------------------------------------------------------- normalisation
 
 
+def _label_hint(label) -> str:
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        return f"; write {label.strip().lower()} without quotes"
+    return ""
+
+
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
@@ -343,7 +349,8 @@ def normalise(row: Any, fmt: str, where: str) -> Record:
         if not isinstance(label, bool):
             raise RowError(
                 "wrong type",
-                f"{where}: field 'label' must be true or false, got {_kind(label)} ({label!r:.40})",
+                f"{where}: field 'label' must be true or false, got {_kind(label)} ({label!r:.40})"
+                + _label_hint(label),
             )
         return Record(prompt, completion=completion, label=label)
     raise DataError(f"unknown data format '{fmt}'; expected auto or one of {', '.join(FORMATS)}")

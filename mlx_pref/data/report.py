@@ -89,10 +89,15 @@ class Report:
         """Raise when more than half of a file's rows are bad: its format is probably wrong."""
         for f in self.files:
             if f.rows and f.bad > MAX_BAD_FRACTION * f.rows:
+                hint = (
+                    f"With more than half the rows bad the file is probably not '{f.format}' "
+                    "data; fix the rows or set format explicitly"
+                    if f.detected_from is not None and "must be" not in f.first_problem
+                    else "Fix the rows"
+                )
                 raise DataError(
                     f"{f.name}: {f.bad} of {f.rows} rows are unusable, e.g. {f.first_problem}. "
-                    f"With more than half the rows bad the file is probably not "
-                    f"'{f.format}' data; fix the rows or set format explicitly"
+                    + hint
                 )
 
     def summary_line(self) -> str:

@@ -110,8 +110,16 @@ def resolve_files(spec: str | Path) -> list[DataFile]:
     text = str(spec)
     path = Path(text).expanduser()
     if not text.startswith(HUB_PREFIX):
-        if path.is_dir():
-            return _directory_files(path, text.rstrip("/"))
+        folder, _, split = text.rpartition(":")
+        if path.is_dir() or (folder and Path(folder).expanduser().is_dir()):
+            if path.is_dir():
+                folder, split = text, None
+            return _split_files(
+                _directory_files(Path(folder).expanduser(), folder.rstrip("/")),
+                Path(folder).expanduser(),
+                folder.rstrip("/"),
+                split,
+            )
         if path.is_file():
             _check_suffix(path.name, text)
             return [DataFile(path, text)]
@@ -163,18 +171,25 @@ def _directory_files(root: Path, shown: str, hub: bool = False) -> list[DataFile
 
 def select_split(relpaths: list[str], split: str | None) -> list[str]:
     """Files of one split: those whose path has the split's name as a word (between ``/``,
-    ``_``, ``.``, ``-``): ``test.jsonl``, ``data/test-00000-of-00001.jsonl``, ``test/0.jsonl``.
+    ``.``, ``-``): ``test.jsonl``, ``data/test-00000-of-00001.jsonl``, ``test/0.jsonl``, so
+    that ``train`` is not ``train_prefs``; failing that, with ``_`` as a separator too
+    (``hh_test.jsonl``).
 
-    Without a split: the ``train`` files if the repo names splits, else every file.
+    Without a split: the ``train`` files if the folder names splits, else every file.
     """
 
-    def matches(rel: str, name: str) -> bool:
-        return re.search(rf"(^|[/_.-]){re.escape(name)}([/_.-]|$)", rel) is not None
+    def matching(name: str) -> list[str]:
+        for separators in ("/.-", "/_.-"):
+            edge = f"[{re.escape(separators)}]"
+            pattern = rf"(^|{edge}){re.escape(name)}({edge}|$)"
+            found = [r for r in relpaths if re.search(pattern, r)]
+            if found:
+                return found
+        return []
 
     if split is None:
-        train = [r for r in relpaths if matches(r, "train")]
-        return train or relpaths
-    return [r for r in relpaths if matches(r, split)]
+        return matching("train") or relpaths
+    return matching(split)
 
 
 def hub_files(spec: HubSpec) -> list[DataFile]:
@@ -232,12 +247,18 @@ def hub_files(spec: HubSpec) -> list[DataFile]:
             f"{shown}: no data files ({', '.join(DATA_SUFFIXES)}) in it; parquet-only "
             f"repositories are not read: {CONVERT_HINT}"
         )
-    files = _directory_files(target, shown, hub=True)
-    rel = {f.path.relative_to(target).as_posix(): f for f in files}
-    chosen = select_split(list(rel), spec.split)
+    return _split_files(_directory_files(target, shown, hub=True), target, shown, spec.split)
+
+
+def _split_files(
+    files: list[DataFile], root: Path, shown: str, split: str | None
+) -> list[DataFile]:
+    """The files of one split of a folder (local or a Hub repo): see ``select_split``."""
+    rel = {f.path.relative_to(root).as_posix(): f for f in files}
+    chosen = select_split(list(rel), split)
     if not chosen:
         raise DataError(
-            f"{shown}: no files for split '{spec.split}' among {', '.join(list(rel)[:6])}"
+            f"{shown}: no files for split '{split}' among {', '.join(list(rel)[:6])}"
             f"{', ...' if len(rel) > 6 else ''}"
         )
     return [rel[r] for r in chosen]

@@ -7,7 +7,8 @@ follow the last TRL release that had them, TRL 0.28 ``trl/trainer/dpo_trainer.py
 
 * ``label_smoothing`` on ``sigmoid`` (cDPO): TRL 1.16 smooths only ``robust``, ``exo_pair`` and
   the ``aot`` losses;
-* ``reference_free`` (reference log-probs treated as 0);
+* ``reference_free`` (reference log-probs treated as 0 in the loss; the logged rewards
+  still subtract them when they are given, as TRL 0.28 does);
 * ``rpo_alpha`` (adds ``α·NLL(chosen)`` to every pair);
 * ``bco_pair``'s running reward shift δ (TRL 1.16's ``bco_pair`` has none).
 
@@ -210,6 +211,9 @@ def dpo_loss(name: str, *, needs_reference: bool = True) -> Callable[[Body], Cal
                     )
                 losses = losses * weights
                 metrics["wpo/weight_mean"] = weights.mean()
+            if have_ref:  # TRL 0.28: reference_free drops the reference from the loss only
+                lc = inputs.chosen_logps - inputs.ref_chosen_logps
+                lr = inputs.rejected_logps - inputs.ref_rejected_logps
             return LossOutput(
                 loss=batch_mean(losses),
                 losses=losses,
