@@ -9,7 +9,6 @@ the same object, so a run can always be repeated or resumed from its directory.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from mlx_pref.errors import ConfigError
+from mlx_pref.errors import ConfigError, suggest
 from mlx_pref.losses import BETA_SCHEDULES, REGISTRY, parse_loss
 
 RUN_CONFIG = "config.yaml"
@@ -336,26 +335,6 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     elif hint is str and isinstance(value, str):
         return value
     raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r}")
-
-
-_FILLER = {"to", "or", "of", "the", "num", "per", "use", "is"}
-
-
-def suggest(key: str, valid: list[str]) -> str | None:
-    """The valid key a mistyped or foreign one most likely means: the one sharing most of
-    its words (``num_train_epochs`` -> ``epochs``), else a close spelling; or None."""
-    words = set(key.lower().split("_")) - _FILLER
-
-    def shared(v: str) -> float:
-        theirs = set(v.split("_")) - _FILLER
-        return len(words & theirs) / len(words | theirs) if words & theirs else 0.0
-
-    best = max(valid, key=lambda v: (shared(v), difflib.SequenceMatcher(None, key, v).ratio()))
-    if shared(best) > 0:
-        return best
-    cutoff = 0.5 if len(valid) <= 12 else 0.7
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=cutoff)
-    return close[0] if close else None
 
 
 def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:

@@ -1,4 +1,8 @@
-"""The errors mlx-pref reports to users: one actionable line each, never a traceback."""
+"""The errors mlx-pref reports to users: one actionable line each, never a traceback, and
+the one helper that suggests what a mistyped name meant."""
+
+import difflib
+from collections.abc import Sequence
 
 
 class MlxPrefError(Exception):
@@ -33,3 +37,30 @@ class Interrupted(MlxPrefError):
 
 class NonFiniteError(MlxPrefError):
     """Too many non-finite steps in a row: a checkpoint was saved before stopping."""
+
+
+_FILLER = {"to", "or", "of", "the", "num", "per", "use", "is"}
+
+
+def suggest(key: str, valid: Sequence[str]) -> str | None:
+    """The valid name a mistyped or foreign one most likely means: a near spelling
+    (``lerning_rate``), else the one sharing most of its words (``num_train_epochs`` ->
+    ``epochs``), else a looser spelling match; or None."""
+    words = set(key.lower().split("_")) - _FILLER
+
+    def shared(v: str) -> float:
+        theirs = set(v.split("_")) - _FILLER
+        return len(words & theirs) / len(words | theirs) if words & theirs else 0.0
+
+    valid = list(valid)
+    if not valid:
+        return None
+    typo = difflib.get_close_matches(key, valid, n=1, cutoff=0.85)
+    if typo:
+        return typo[0]
+    best = max(valid, key=lambda v: (shared(v), difflib.SequenceMatcher(None, key, v).ratio()))
+    if shared(best) > 0:
+        return best
+    cutoff = 0.5 if len(valid) <= 12 else 0.7
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=cutoff)
+    return close[0] if close else None

@@ -20,7 +20,7 @@ from mlx_lm.models.base import create_causal_mask
 
 from mlx_pref.backend import sequence_multiple
 from mlx_pref.data.batching import Batch
-from mlx_pref.losses import ld_sequence_logps, wpo_pair_weights
+from mlx_pref.losses import ld_sequence_logps, log_sum_squared_probs, wpo_pair_weights
 
 # Architectures whose forward is exactly ``head(model.model(tokens))``: for these the
 # head can be applied to gathered positions only. Others fall back to full logits.
@@ -83,7 +83,7 @@ def _token_logps_p2(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.a
     logits = logits.astype(mx.float32)
     picked = mx.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
     lse = mx.logsumexp(logits, axis=-1)
-    return picked - lse, mx.logsumexp(2 * logits, axis=-1) - 2 * lse
+    return picked - lse, log_sum_squared_probs(logits, lse)
 
 
 _HEAD_FNS = {

@@ -682,7 +682,7 @@ def test_running_moments_initial_values_and_std():
 
 
 def test_single_process_needs_no_reduction():
-    assert loss_base.distributed_group() is None
+    assert loss_base.reduction_group() is None
     x = mx.array([1.0, 2.0])
     assert backend.all_sum(x, None) is x
 

@@ -9,7 +9,7 @@ they are built from.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,13 +76,14 @@ class LossInputs:
     ref_rejected_logps: mx.array | None = None
     chosen_lengths: mx.array | None = None
     rejected_lengths: mx.array | None = None
-    policy_weights: mx.array | None = None
-    udm_weights: mx.array | None = None
-    policy_kl_logps: mx.array | None = None
-    ref_kl_logps: mx.array | None = None
-    chosen_nll: mx.array | None = None
+    extras: dict[str, mx.array] = field(default_factory=dict)
+    """The extra inputs this loss reads (``specs.EXTRA_INPUTS``) that the caller gave."""
     train: bool = True
     group: Any = None
+
+    def extra(self, name: str) -> mx.array | None:
+        """Extra input ``name`` (``policy_weights``, ``udm_weights``, ...), or None."""
+        return self.extras.get(name)
 
 
 LossFn = Callable[..., LossOutput]
@@ -109,6 +110,8 @@ class LossSpec:
     arxiv: str | None
     trl: str
     family: str
+    inputs: tuple[str, ...] = ()
+    """Extra batch inputs it reads (``specs.EXTRA_INPUTS``), e.g. KTO's KL rows."""
     aliases: tuple[str, ...] = ()
     uses_label_smoothing: bool = False
     stateful: bool = False
@@ -198,8 +201,8 @@ def chosen_nll(inputs: LossInputs, loss: str) -> mx.array:
     explicitly (needed when ``chosen_logps`` are not plain sums, e.g. under LD-DPO), that
     value is used instead.
     """
-    if inputs.chosen_nll is not None:
-        return inputs.chosen_nll.reshape(())
+    if inputs.extra("chosen_nll") is not None:
+        return inputs.extra("chosen_nll").reshape(())
     if inputs.chosen_lengths is None:
         raise ValueError(
             f"loss '{loss}' adds a chosen NLL term: pass chosen_lengths (completion token counts) "
@@ -209,16 +212,8 @@ def chosen_nll(inputs: LossInputs, loss: str) -> mx.array:
     return -inputs.chosen_logps.sum() / tokens
 
 
-def distributed_group(group: Any = None) -> Any:
-    """The communication group to reduce over, or ``None`` for a single process:
+def reduction_group(group: Any = None) -> Any:
+    """The group a loss statistic is reduced over, or ``None`` for a single process:
     ``group`` when given, otherwise the global one (``mlx_pref.backend``)."""
     group = group or backend.distributed_group()
     return group if group.size() > 1 else None
-
-
-def closest(name: str, choices: Sequence[str]) -> str | None:
-    """The closest spelling among ``choices`` (difflib), for error messages."""
-    import difflib
-
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return match[0] if match else None

@@ -26,13 +26,13 @@ from typing import Any
 
 import mlx.core as mx
 
+from mlx_pref.errors import suggest
 from mlx_pref.losses.base import (
     EXP_CLAMP,
     LossInputs,
     LossOutput,
     bounded_exp,
     chosen_nll,
-    closest,
     log_sigmoid,
     safe_lengths,
     smoothed_sigmoid_loss,
@@ -62,7 +62,7 @@ def check_f_divergence(f_divergence_type: str) -> None:
     """Raise ``ValueError`` (with the closest spelling) for an unknown ``f_divergence_type``."""
     if f_divergence_type in F_DIVERGENCES:
         return
-    hint = closest(str(f_divergence_type), F_DIVERGENCES)
+    hint = suggest(str(f_divergence_type), F_DIVERGENCES)
     raise ValueError(
         f"unknown f_divergence_type '{f_divergence_type}'"
         + (f" (did you mean '{hint}'?)" if hint else "")
@@ -202,8 +202,8 @@ def dpo_loss(name: str, *, needs_reference: bool = True) -> Callable[[Body], Cal
                 nll = chosen_nll(inputs, name)
                 losses = losses + rpo_alpha * nll
                 metrics["nll_loss"] = nll
-            if inputs.policy_weights is not None:
-                weights = mx.stop_gradient(inputs.policy_weights)
+            if inputs.extra("policy_weights") is not None:
+                weights = mx.stop_gradient(inputs.extra("policy_weights"))
                 if weights.shape != losses.shape:
                     raise ValueError(
                         f"policy_weights must have one weight per pair ({losses.shape[0]}), "
@@ -321,7 +321,7 @@ def sppo_hard(t: PairTerms) -> tuple[mx.array, dict]:
 
 
 def _no_weighting(t: PairTerms) -> None:
-    if t.inputs.policy_weights is not None:
+    if t.inputs.extra("policy_weights") is not None:
         raise ValueError(
             f"WPO weights (policy_weights) cannot be used with '{t.name}': it sorts the batch, "
             "which would misalign per-pair weights"

@@ -51,8 +51,6 @@ def alphapo_reward(logps: mx.array, alpha: float) -> mx.array:
 
 def _no_reference_needed(inputs: LossInputs, name: str) -> None:
     check_paired(inputs, name)
-    if inputs.policy_weights is not None:
-        raise ValueError(f"WPO weights (policy_weights) apply to DPO-family losses, not '{name}'")
 
 
 def _cpo_like(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from mlx_pref.losses.base import closest
+from mlx_pref.errors import suggest
 
 BETA_SCHEDULES = ("constant", "linear", "cosine", "exponential")
 
@@ -29,7 +29,7 @@ def beta_at(
     ``beta`` and ``beta_end`` must be > 0; ``beta_end=None`` means no annealing.
     """
     if schedule not in BETA_SCHEDULES:
-        hint = closest(str(schedule), BETA_SCHEDULES)
+        hint = suggest(str(schedule), BETA_SCHEDULES)
         raise ValueError(
             f"unknown beta schedule '{schedule}'"
             + (f" (did you mean '{hint}'?)" if hint else "")

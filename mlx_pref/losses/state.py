@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_pref.backend import all_sum
-from mlx_pref.losses.base import distributed_group
+from mlx_pref.losses.base import reduction_group
 
 
 @dataclass
@@ -55,7 +55,7 @@ class RunningMoments:
         into NaN there.
         """
         local = np.asarray(mx.stop_gradient(values).astype(mx.float32), dtype=np.float64).ravel()
-        group = distributed_group(group)
+        group = reduction_group(group)
         if group is None:
             count = local.size
             if count == 0:

@@ -28,14 +28,16 @@ def _as_2d(x: ArrayLike, name: str) -> mx.array:
     return arr.astype(mx.float32)
 
 
-def log_sum_squared_probs(logits: mx.array) -> mx.array:
+def log_sum_squared_probs(logits: mx.array, lse: mx.array | None = None) -> mx.array:
     """``log Σ_v p_v²`` per position, i.e. ``logsumexp(2·log_softmax(logits), -1)``.
 
     Computed as ``logsumexp(2·logits) - 2·logsumexp(logits)`` (TRL's ``lse2 - 2·lse1``), so
-    it needs no ``(B, T, V)`` log-softmax copy. Input ``(..., V)``, output ``(...)``; detached.
+    it needs no ``(B, T, V)`` log-softmax copy; ``lse``: ``logsumexp(logits)`` if already at
+    hand. Input ``(..., V)``, output ``(...)``; detached.
     """
     logits = mx.stop_gradient(logits).astype(mx.float32)
-    return mx.logsumexp(2.0 * logits, axis=-1) - 2.0 * mx.logsumexp(logits, axis=-1)
+    lse = mx.logsumexp(logits, axis=-1) if lse is None else mx.stop_gradient(lse)
+    return mx.logsumexp(2.0 * logits, axis=-1) - 2.0 * lse
 
 
 def wpo_sequence_weights(

@@ -26,13 +26,6 @@ import numpy as np
 
 from mlx_pref.losses.base import ArrayLike
 
-UDM_DEFAULTS: dict[str, Any] = {
-    "prompt_sample_size": 1024,
-    "min_density_ratio": 0.5,
-    "max_density_ratio": 10.0,
-}
-"""TRL 1.13 ``BCOConfig`` defaults for UDM."""
-
 
 def _as_matrix(x: ArrayLike, name: str) -> np.ndarray:
     if isinstance(x, mx.array):

@@ -19,8 +19,8 @@ from mlx_pref.backend import all_sum
 from mlx_pref.losses.base import (
     LossInputs,
     LossOutput,
-    distributed_group,
     log_sigmoid,
+    reduction_group,
 )
 from mlx_pref.losses.state import LossState
 
@@ -38,8 +38,6 @@ def _logratios(inputs: LossInputs, name: str) -> tuple[mx.array, mx.array]:
         )
     if inputs.chosen_logps.shape[0] + inputs.rejected_logps.shape[0] == 0:
         raise ValueError(f"loss '{name}' got an empty batch")
-    if inputs.policy_weights is not None:
-        raise ValueError(f"WPO weights (policy_weights) apply to DPO-family losses, not '{name}'")
     return (
         inputs.chosen_logps - inputs.ref_chosen_logps,
         inputs.rejected_logps - inputs.ref_rejected_logps,
@@ -74,8 +72,8 @@ def bco(
     chosen_losses = -log_sigmoid(rc - delta)
     rejected_losses = -log_sigmoid(-(rr - delta))
     metrics = {"delta": mx.array(delta, dtype=mx.float32)}
-    if inputs.udm_weights is not None:
-        weights = mx.stop_gradient(inputs.udm_weights)
+    if inputs.extra("udm_weights") is not None:
+        weights = mx.stop_gradient(inputs.extra("udm_weights"))
         if weights.shape != rejected_losses.shape:
             raise ValueError(
                 f"udm_weights must have one weight per undesirable row ({rr.shape[0]}), "
@@ -102,16 +100,19 @@ def kto_kl(inputs: LossInputs) -> mx.array:
     the per-rank means are averaged across ranks before clamping, as TRL 1.16's
     ``gather_for_metrics(kl).mean().clamp(min=0)``. Without KL log-probs the KL term is 0.
     """
-    if inputs.policy_kl_logps is None and inputs.ref_kl_logps is None:
+    if inputs.extra("policy_kl_logps") is None and inputs.extra("ref_kl_logps") is None:
         return mx.array(0.0)
-    if inputs.policy_kl_logps is None or inputs.ref_kl_logps is None:
+    if inputs.extra("policy_kl_logps") is None or inputs.extra("ref_kl_logps") is None:
         raise ValueError(
             "pass both policy_kl_logps and ref_kl_logps for the KTO KL term, or neither"
         )
-    if inputs.policy_kl_logps.shape != inputs.ref_kl_logps.shape or inputs.ref_kl_logps.size == 0:
+    if (
+        inputs.extra("policy_kl_logps").shape != inputs.extra("ref_kl_logps").shape
+        or inputs.extra("ref_kl_logps").size == 0
+    ):
         raise ValueError("policy_kl_logps and ref_kl_logps must be non-empty and of the same shape")
-    kl = (inputs.policy_kl_logps - inputs.ref_kl_logps).mean()
-    group = distributed_group(inputs.group)
+    kl = (inputs.extra("policy_kl_logps") - inputs.extra("ref_kl_logps")).mean()
+    group = reduction_group(inputs.group)
     if group is not None:
         kl = all_sum(kl, group) / group.size()
     return mx.stop_gradient(mx.maximum(kl, 0.0))
