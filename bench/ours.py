@@ -42,7 +42,8 @@ import numpy as np  # noqa: E402
 from mlx_pref.config import load_config  # noqa: E402
 from mlx_pref.data import Dataset, PairExample, collate  # noqa: E402
 from mlx_pref.models import load_model  # noqa: E402
-from mlx_pref.trainer import Trainer  # noqa: E402
+from mlx_pref.train import Trainer  # noqa: E402
+from mlx_pref.train.step import StepResult, batch_context, train_step  # noqa: E402
 
 
 def build(spec: dict, workdir: Path) -> tuple[Trainer, Dataset, dict]:
@@ -87,7 +88,6 @@ def build(spec: dict, workdir: Path) -> tuple[Trainer, Dataset, dict]:
         for p in common.pairs_from_spec(spec)
     ]
     dataset = Dataset(examples, "bench")
-    trainer.train_set = dataset
     trainer.reference.attach({"train": dataset})
     t0 = time.perf_counter()
     trainer.reference.prepare({"train": dataset})
@@ -113,11 +113,16 @@ def _timed_steps(spec: dict, step: Callable[[], tuple[float, float]]) -> dict:
     return {**common.summarize(times, spec["warmup"]), "mlx_peak_gb": max(peaks), "losses": losses}
 
 
+def one_train_step(trainer: Trainer, batch, dataset: Dataset) -> StepResult:
+    """mlx-pref's optimizer step on the bench's own batch (the Trainer's objective)."""
+    return train_step(trainer.objective, trainer.optimizer, [batch], dataset, trainer.grad_fn)
+
+
 def run_train(spec: dict, trainer: Trainer, dataset: Dataset) -> dict:
     batch = collate(dataset.examples, np.arange(len(dataset)))
 
     def step() -> tuple[float, float]:
-        result = trainer.train_step(batch)
+        result = one_train_step(trainer, batch, dataset)
         return result.loss, result.metrics["peak_memory_gb"]
 
     return {**_timed_steps(spec, step), "padding_fraction": batch.padding_fraction}
@@ -202,7 +207,7 @@ def exp_counts(shape: dict, batch, share_prompt: bool) -> dict[str, float]:
 
 def run_phases(spec: dict, trainer: Trainer, dataset: Dataset) -> dict:
     """Medians of each phase of the default step, cut at ``mx.eval`` boundaries."""
-    from mlx_pref.logps import _score, sequence_logps, split_lm
+    from mlx_pref.logps import score_hidden, sequence_logps, split_lm
     from mlx_pref.reference import reference_weights
 
     cfg = trainer.config
@@ -222,7 +227,7 @@ def run_phases(spec: dict, trainer: Trainer, dataset: Dataset) -> dict:
 
     for _ in range(spec["warmup"] + spec["steps"]):
         t0 = time.perf_counter()
-        ctx = trainer._context(batch, "train", dataset)
+        ctx = batch_context(trainer.objective, batch, "train", dataset)
         add("reference (cache lookup)", time.perf_counter() - t0)
         with reference_weights(model, None):
             t0 = time.perf_counter()
@@ -232,10 +237,10 @@ def run_phases(spec: dict, trainer: Trainer, dataset: Dataset) -> dict:
         mx.eval(sequence_logps(model, batch, share_prompt=share).sums)
         add("policy forward (body + head)", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        mx.eval(_score(hidden, head, flat, targets, False)[0])
+        mx.eval(score_hidden(hidden, head, flat, targets, False)[0])
         add("LM head + logsumexp alone (completion rows)", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        (loss, _), grads = trainer._loss_and_grad(batch, ctx)
+        (loss, _), grads = trainer.grad_fn(batch, ctx)
         mx.eval(loss, grads)
         add("policy forward + backward", time.perf_counter() - t0)
         t0 = time.perf_counter()
@@ -244,7 +249,7 @@ def run_phases(spec: dict, trainer: Trainer, dataset: Dataset) -> dict:
         mx.eval(model.trainable_parameters(), trainer.optimizer.state)
         add("optimizer (clip + AdamW)", time.perf_counter() - t0)
         t0 = time.perf_counter()
-        trainer.train_step(batch)
+        one_train_step(trainer, batch, dataset)
         add("whole train_step", time.perf_counter() - t0)
     med = {k: float(np.median(v[spec["warmup"] :] or v)) for k, v in rows.items()}
     med["backward (forward + backward - forward)"] = (

@@ -28,7 +28,7 @@ from mlx_pref.checkpoint import list_checkpoints
 from mlx_pref.config import load_config
 from mlx_pref.gguf import load_gguf
 from mlx_pref.progress import read_metrics
-from mlx_pref.trainer import Trainer
+from mlx_pref.train import Trainer
 
 HERE = Path(__file__).resolve().parent
 

@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
-from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear
+from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 from mlx_pref.checkpoint import write_atomic
@@ -27,7 +27,7 @@ from mlx_pref.errors import ModelError
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
-ADAPTER_TYPES = (LoRALinear, DoRALinear, LoRAEmbedding, DoRAEmbedding)
+ADAPTER_TYPES = (LoRALinear, DoRALinear, LoRAEmbedding, DoRAEmbedding, LoRASwitchLinear)
 
 
 def layer_keys(model: nn.Module, targets: list[str]) -> list[str]:
@@ -126,3 +126,29 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.update_modules(tree_unflatten(swapped))
+
+
+def attach_adapters(
+    model: nn.Module, lora: LoraConfig, start_from: str | None = None
+) -> tuple[dict, dict[str, mx.array] | None]:
+    """Fresh trainable adapters, or (``start_from``) an SFT adapter to continue from.
+
+    Returns the adapter config written with the run, and a frozen copy of the SFT
+    adapter's weights (the reference keeps it, as TRL's ``ref_adapter_name``; the base is
+    never copied). An SFT adapter is rebuilt with its own settings: mlx-lm's loader checks
+    that every tensor fits.
+    """
+    from mlx_lm.tuner.utils import load_adapters
+
+    model.freeze()
+    if start_from is None:
+        config = apply_lora(model, lora)
+    else:
+        config, _ = load_adapter_weights(start_from)  # clear errors for a bad directory
+        try:
+            load_adapters(model, start_from)
+        except (ValueError, KeyError) as exc:
+            raise ModelError(f"adapter {start_from} does not fit the model: {exc}") from None
+    model.train()  # dropout on in the adapters; evaluation switches it off
+    mx.eval(model.parameters())
+    return config, (adapter_parameters(model) if start_from else None)

@@ -105,8 +105,8 @@ def train(config, resume, overwrite, quiet, **flags) -> None:
     """
     from mlx_pref.config import load_config
     from mlx_pref.rundir import check_output, clear
-    from mlx_pref.sweep import sweep, sweep_table
-    from mlx_pref.trainer import Trainer
+    from mlx_pref.train import Trainer
+    from mlx_pref.train.sweep import sweep, sweep_table
 
     if resume and resume.endswith((".yaml", ".yml")) and Path(resume).is_file():
         raise MlxPrefError(
@@ -159,18 +159,26 @@ def train(config, resume, overwrite, quiet, **flags) -> None:
 @click.option("--loss", help="Loss (decides whether a reference is needed).")
 def cache_ref(config, **flags) -> None:
     """Precompute the reference log-probs of a config's datasets into the cache."""
+    from mlx_pref.adapters import attach_adapters
     from mlx_pref.config import load_config
-    from mlx_pref.reference import CachedReference
-    from mlx_pref.trainer import Trainer
+    from mlx_pref.data import load_datasets
+    from mlx_pref.models import load_model
+    from mlx_pref.reference import Cached, make_reference
 
     overrides = {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
     cfg = load_config(config, {**overrides, "reference": "cache"})
-    trainer = Trainer(cfg)
-    if not isinstance(trainer.reference, CachedReference):
+    loaded = load_model(
+        cfg.model, quantization_bits=cfg.quantization_bits, dtype=cfg.dtype,
+        dequantize=cfg.dequantize,
+    )  # fmt: skip
+    _, sft_weights = attach_adapters(loaded.model, cfg.lora, cfg.adapter)
+    train_set, eval_set = load_datasets(cfg, loaded.tokenizer)
+    reference = make_reference(cfg, loaded, sft_weights=sft_weights, log=click.echo)
+    if not isinstance(reference, Cached):
         raise MlxPrefError(f"loss {cfg.loss} is reference-free: there is nothing to cache")
-    trainer.reference.prepare({"train": trainer.train_set, "eval": trainer.eval_set})
-    for split in trainer.reference.datasets:
-        click.echo(f"{split}: {trainer.reference.path_for(split)}")
+    reference.prepare({"train": train_set, "eval": eval_set})
+    for split in reference.datasets:
+        click.echo(f"{split}: {reference.path_for(split)}")
 
 
 @cli.command()

@@ -15,10 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 import yaml
 
 from mlx_pref.errors import ConfigError, suggest
-from mlx_pref.losses import BETA_SCHEDULES, REGISTRY, parse_loss
+from mlx_pref.losses import (
+    BETA_SCHEDULES,
+    EXTRA_INPUTS,
+    REGISTRY,
+    LossState,
+    get_loss,
+    parse_loss,
+    prepare_loss,
+    supplied_inputs,
+)
 
 RUN_CONFIG = "config.yaml"
 """The resolved config a run writes into its directory."""
@@ -245,7 +255,57 @@ class Config:
             )
         if self.lora.layers is not None:
             _positive("lora.layers", self.lora.layers)
+        self._check_reference()
+        self._check_loss_options()
         return self
+
+    def _check_reference(self) -> None:
+        """The reference settings against the loss, before anything loads."""
+        specs = [get_loss(name) for name in parse_loss(self.loss)]
+        needs = any(s.needs_reference for s in specs)
+        ignored = not needs or self.loss_params.get("reference_free")
+        if ignored and (self.ref_regen_epochs or self.sync_ref_model):
+            raise ConfigError(
+                f"loss {self.loss} is reference-free: ref_regen_epochs / sync_ref_model do not apply"
+            )
+        if self.reference == "none" and not ignored:
+            raise ConfigError(
+                f"loss {self.loss} needs a reference; 'reference: none' is for reference-free "
+                "losses (simpo, cpo, orpo, or reference_free: true)"
+            )
+        if self.ref_model and self.reference == "adapters-off":
+            raise ConfigError("reference: adapters-off uses the policy's own base; drop ref_model")
+        if self.reference == "model" and not self.ref_model and needs:
+            raise ConfigError("reference: model needs ref_model (--ref-model DIR_OR_HUB_ID)")
+        if self.sync_ref_model and self.ref_model_mixup_alpha < 1 and self.lora.dora:
+            raise ConfigError(
+                "TR-DPO blends (ref_model_mixup_alpha < 1) are not defined for DoRA adapters; "
+                "use ref_model_mixup_alpha: 1.0 or LoRA"
+            )
+        if self.ld_alpha is not None and any(s.family != "dpo" for s in specs):
+            others = ", ".join(s.name for s in specs if s.family != "dpo")
+            raise ConfigError(f"ld_alpha (LD-DPO) applies to DPO-family losses, not to {others}")
+
+    def _check_loss_options(self) -> None:
+        """Run the loss once on placeholder values, so that an option it rejects (an
+        f-divergence it does not take, WPO with AOT, ...) is a config error now rather
+        than a traceback at the first step."""
+        rows = {"pair": 1, "row": 2, "rejected": 1}
+        extras = {}
+        for name in supplied_inputs(self.loss, vars(self)):
+            per = EXTRA_INPUTS[name].per
+            extras[name] = mx.ones(()) if per == "batch" else mx.zeros((rows[per],))
+        one = mx.zeros((1,))
+        specs = [get_loss(name) for name in parse_loss(self.loss)]
+        free = not any(s.needs_reference for s in specs) or self.loss_params.get("reference_free")
+        ref = None if free and self.reference == "none" else one
+        try:
+            loss = prepare_loss(self.loss, label_smoothing=self.label_smoothing, **self.loss_params)
+            out = loss(one, one, ref, ref, mx.ones((1,)), mx.ones((1,)), beta=self.beta,
+                       state=LossState(), train=False, **extras)  # fmt: skip
+            mx.eval(out.loss)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"loss {self.loss}: {exc}") from None
 
     @property
     def quantization_bits(self) -> int | None:

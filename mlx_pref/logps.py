@@ -106,7 +106,7 @@ def _head_logps(logits: mx.array, targets: mx.array, with_p2: bool):
     return out if with_p2 else (out, None)
 
 
-def _score(
+def score_hidden(
     hidden: mx.array, head: Callable, flat: np.ndarray, targets: np.ndarray, with_p2: bool
 ) -> tuple[mx.array, mx.array | None]:
     """Log-probs of ``targets`` at the ``flat`` positions of ``hidden`` (head in row chunks)."""
@@ -161,9 +161,9 @@ def sequence_logps(
     inputs = mx.array(tokens[:, :-1])
     if split is not None:
         body, head = split
-        token_logps, p2 = _score(body(inputs), head, flat, targets, with_p2)
+        token_logps, p2 = score_hidden(body(inputs), head, flat, targets, with_p2)
     else:  # unknown architecture: full logits, gathered before the log-softmax
-        token_logps, p2 = _score(model(inputs), lambda h: h, flat, targets, with_p2)
+        token_logps, p2 = score_hidden(model(inputs), lambda h: h, flat, targets, with_p2)
     return SequenceLogps(_summed(n, flat, t - 1, token_logps), token_logps, flat, (n, t - 1), p2)
 
 
@@ -239,7 +239,7 @@ def _shared_prompt_logps(body, head, batch: Batch, with_p2: bool, multiple: int)
             cache.repeat(2)
         hidden = mx.concatenate([hidden, body(mx.array(completions[:, :-1]), cache=caches)], axis=1)
     flat = np.flatnonzero(np.arange(longest)[None, :] < clen[:, None])
-    token_logps, p2 = _score(hidden, head, flat, completions.reshape(-1)[flat], with_p2)
+    token_logps, p2 = score_hidden(hidden, head, flat, completions.reshape(-1)[flat], with_p2)
     return SequenceLogps(
         _summed(n, flat, longest, token_logps), token_logps, flat, (n, longest), p2
     )

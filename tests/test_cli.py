@@ -121,7 +121,7 @@ def test_train_push_to_hub_exports_and_uploads(make_config, tmp_path, monkeypatc
 def test_plot_draws_a_png(make_config):
     pytest.importorskip("matplotlib")
     cfg = make_config(max_steps=2)
-    from mlx_pref.trainer import Trainer
+    from mlx_pref.train import Trainer
 
     Trainer(cfg, verbose=False).train()
     result = CliRunner().invoke(cli, ["plot", cfg.output])

@@ -810,7 +810,7 @@ def test_hh_rlhf_transcripts_as_chat(tok):
 
 @needs_hh
 def test_hh_rlhf_dpo_smoke_run(tmp_path):
-    from mlx_pref.trainer import Trainer
+    from mlx_pref.train import Trainer
 
     config = cfg(
         data=str(HH),

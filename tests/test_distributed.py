@@ -12,7 +12,7 @@ import yaml
 from test_trainer import TIMING_KEYS, assert_same_adapters
 
 from mlx_pref.progress import read_metrics
-from mlx_pref.trainer import Trainer
+from mlx_pref.train import Trainer
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 

@@ -444,7 +444,9 @@ def test_card_names_base_loss_data_and_final_metrics(tmp_path, untied_base):
     run = make_run(tmp_path / "run", base, targets=["q_proj"], dora=True)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg.update(data=str(data), loss={"sigmoid": 0.7, "bco": 0.3}, label_smoothing=0.1)
-    cfg.update(sync_ref_model=True, ref_cache_dir=str(data.parent / "cache"))
+    cfg.update(
+        sync_ref_model=True, ref_model_mixup_alpha=1.0, ref_cache_dir=str(data.parent / "cache")
+    )
     cfg.update(adapter=str(data.parent / "sft-adapter"))
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     card = (

@@ -11,7 +11,7 @@ import pytest
 from mlx_pref.config import load_config
 from mlx_pref.losses import loss_names
 from mlx_pref.progress import read_metrics
-from mlx_pref.trainer import Trainer
+from mlx_pref.train import Trainer
 
 # Paired DPO-family losses: after 20 steps the held-out reward accuracy must beat chance.
 PREFERENCE = {

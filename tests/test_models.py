@@ -10,7 +10,7 @@ from mlx_lm.utils import dequantize_model
 
 from mlx_pref.errors import ModelError
 from mlx_pref.models import load_model, resolve_model_path
-from mlx_pref.trainer import Trainer
+from mlx_pref.train import Trainer
 
 TOKENS = mx.array([[5, 9, 33, 120, 7, 2]])
 

@@ -18,8 +18,9 @@ from mlx_pref.adapters import adapter_parameters, save_adapters
 from mlx_pref.cli import cli
 from mlx_pref.data import collate
 from mlx_pref.errors import ConfigError
-from mlx_pref.reference import CachedReference, LiveReference, SeparateModel, mix_adapters
-from mlx_pref.trainer import Trainer
+from mlx_pref.reference import AdaptersOff, Cached, SeparateModel, mix_adapters
+from mlx_pref.train import Trainer
+from mlx_pref.train.step import batch_context, forward
 
 
 def randomize_adapters(trainer: Trainer, seed: int = 7) -> dict[str, mx.array]:
@@ -37,7 +38,8 @@ def batch_loss(trainer: Trainer, split: str = "train") -> float:
     dataset = trainer.train_set if split == "train" else trainer.eval_set
     idx = np.arange(4)
     batch = collate([dataset.examples[i] for i in idx], idx)
-    loss, _ = trainer._forward(batch, trainer._context(batch, split, dataset), train=False)
+    ctx = batch_context(trainer.objective, batch, split, dataset)
+    loss, _ = forward(trainer.objective, batch, ctx, train=False)
     return float(loss)
 
 
@@ -50,8 +52,8 @@ def test_cache_adapters_off_and_separate_model_agree(make_config, tiny_model):
         kinds[strategy] = type(trainer.reference)
         losses[strategy] = batch_loss(trainer)
     assert kinds == {
-        "cache": CachedReference,
-        "adapters-off": LiveReference,
+        "cache": Cached,
+        "adapters-off": AdaptersOff,
         "model": SeparateModel,
     }
     assert losses["cache"] == pytest.approx(losses["adapters-off"], rel=1e-5)
@@ -60,7 +62,7 @@ def test_cache_adapters_off_and_separate_model_agree(make_config, tiny_model):
 
 
 def test_held_out_reference_values_are_scored_once_per_reference(make_config, monkeypatch):
-    import mlx_pref.reference as reference
+    import mlx_pref.reference.strategies as reference
 
     trainer = Trainer(make_config(reference="adapters-off"), verbose=False)
     randomize_adapters(trainer)
@@ -83,12 +85,12 @@ def test_held_out_reference_values_are_scored_once_per_reference(make_config, mo
 
 def test_auto_picks_cache_or_none_and_says_why(make_config):
     dpo = Trainer(make_config(), verbose=False)
-    assert isinstance(dpo.reference, CachedReference) and dpo.reference.reason.startswith("auto:")
+    assert isinstance(dpo.reference, Cached) and dpo.reference.reason.startswith("auto:")
     simpo = Trainer(make_config(loss="simpo"), verbose=False)
     assert simpo.reference.name == "none" and "reference-free" in simpo.reference.reason
     # reference_free drops the reference from the loss; TRL's rewards still use it.
     free = Trainer(make_config(reference_free=True), verbose=False)
-    assert isinstance(free.reference, CachedReference)
+    assert isinstance(free.reference, Cached)
     bare = Trainer(make_config(reference_free=True, reference="none"), verbose=False)
     assert bare.reference.name == "none" and "reference: none" in bare.reference.reason
     with pytest.raises(ConfigError, match="needs a reference; 'reference: none' is for"):
@@ -195,7 +197,7 @@ def test_tr_dpo_sync_sets_the_reference_to_the_blend(make_config):
         sync_ref_model=True, ref_model_sync_steps=2, ref_model_mixup_alpha=0.5, max_steps=3
     )
     trainer = Trainer(cfg, verbose=False)
-    assert isinstance(trainer.reference, LiveReference)  # syncs every 2 steps: a cache would churn
+    assert isinstance(trainer.reference, AdaptersOff)  # syncs every 2 steps: a cache would churn
     policy_at_sync = {}
     step = trainer.train_step
 

@@ -16,14 +16,14 @@ import pytest
 import yaml
 from mlx_lm.utils import load
 
-import mlx_pref.trainer as trainer_module
 from mlx_pref.adapters import ADAPTER_FILE, adapter_parameters
 from mlx_pref.checkpoint import latest_valid, list_checkpoints
 from mlx_pref.config import config_from_dict
 from mlx_pref.data import collate
-from mlx_pref.errors import ConfigError
+from mlx_pref.errors import ConfigError, Interrupted, NonFiniteError
 from mlx_pref.progress import read_metrics
-from mlx_pref.trainer import Interrupted, NonFiniteError, Trainer
+from mlx_pref.train import Trainer
+from mlx_pref.train.step import batch_context, forward
 
 # Per-step figures that depend on the machine, not on the computation.
 TIMING_KEYS = {"tokens_per_sec", "completion_tokens_per_sec", "step_time", "peak_memory_gb"}
@@ -99,7 +99,7 @@ def test_grad_accumulation_equals_one_big_batch(make_config, tmp_path):
     big = make_config(batch_size=4, grad_accum=1, output=str(tmp_path / "a"))
     small = make_config(batch_size=2, grad_accum=2, output=str(tmp_path / "b"))
     ta, tb = Trainer(big, verbose=False), Trainer(small, verbose=False)
-    idx = ta._epoch_batches(0)[0]
+    idx = ta.plan.epoch(0)[0]
     examples = ta.train_set.examples
     one = ta.train_step(collate([examples[i] for i in idx], idx))
     two = tb.train_step([collate([examples[i] for i in half], half) for half in (idx[:2], idx[2:])])
@@ -126,7 +126,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(make_config, tmp
     def stop_after_three(batches):
         result = step(batches)
         if first.step == 3:
-            first._interrupted = True  # what Ctrl-C sets
+            first.request_stop()  # what Ctrl-C does
         return result
 
     monkeypatch.setattr(first, "train_step", stop_after_three)
@@ -174,7 +174,7 @@ def test_a_new_run_does_not_overwrite_an_old_one(make_config):
 def test_non_finite_steps_are_skipped_and_counted(make_config, monkeypatch):
     cfg = make_config(max_steps=4, max_nonfinite=3)
     trainer = Trainer(cfg, verbose=False)
-    real = trainer_module.preference_loss
+    real = trainer.objective.loss
     calls = {"n": 0}
 
     def nan_on_second_step(*args, **kwargs):
@@ -183,7 +183,7 @@ def test_non_finite_steps_are_skipped_and_counted(make_config, monkeypatch):
             out.loss = out.loss * mx.array(float("nan"))
         return out
 
-    monkeypatch.setattr(trainer_module, "preference_loss", nan_on_second_step)
+    monkeypatch.setattr(trainer.objective, "loss", nan_on_second_step)
     before = {}
 
     def snapshot(batches, step=trainer.train_step):
@@ -206,7 +206,7 @@ def test_non_finite_steps_are_skipped_and_counted(make_config, monkeypatch):
 def test_too_many_non_finite_steps_stop_with_a_checkpoint(make_config, monkeypatch):
     cfg = make_config(max_steps=10, max_nonfinite=2)
     trainer = Trainer(cfg, verbose=False)
-    real = trainer_module.preference_loss
+    real = trainer.objective.loss
 
     def always_nan(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -214,7 +214,7 @@ def test_too_many_non_finite_steps_stop_with_a_checkpoint(make_config, monkeypat
             out.loss = out.loss * mx.array(float("inf"))
         return out
 
-    monkeypatch.setattr(trainer_module, "preference_loss", always_nan)
+    monkeypatch.setattr(trainer.objective, "loss", always_nan)
     with pytest.raises(NonFiniteError, match="2 steps in a row had a non-finite loss"):
         trainer.train()
     assert latest_valid(Path(cfg.output)).name == "step-00000002"
@@ -303,7 +303,7 @@ def test_grad_checkpointing_and_compile_leave_the_step_unchanged(make_config, tm
         "unshared": {"share_prompt": False},
     }.items():
         trainer = Trainer(make_config(output=str(tmp_path / name), **extra), verbose=False)
-        batches = batches or trainer._step_batches(0)  # the same examples for every variant
+        batches = batches or trainer.step_batches(0)  # the same examples for every variant
         results[name] = trainer.train_step(batches).metrics
     for name in ("checkpointed", "compiled", "unshared"):
         assert results[name]["loss"] == pytest.approx(results["plain"]["loss"], rel=1e-6)
@@ -333,36 +333,36 @@ def test_lora_dropout_stays_on_in_training_and_off_in_evaluation(make_config):
     layer = trainer.model.model.layers[0].self_attn.q_proj
     assert layer.dropout.training
     seen = []
-    real = trainer._forward
+    real = trainer.objective.loss
 
-    def spy(batch, ctx, train):
-        seen.append((train, layer.dropout.training))
-        return real(batch, ctx, train)
+    def spy(*args, **kwargs):
+        seen.append((kwargs["train"], layer.dropout.training))
+        return real(*args, **kwargs)
 
-    trainer._forward = spy
-    trainer.train_step(trainer._step_batches(0))  # runs a reference pass first
+    trainer.objective.loss = spy
+    trainer.train_step(trainer.step_batches(0))  # runs a reference pass first
     trainer.evaluate()
-    trainer.train_step(trainer._step_batches(1))
+    trainer.train_step(trainer.step_batches(1))
     assert seen[0] == (True, True) and seen[-1] == (True, True)
     assert all(mode is False for train, mode in seen[1:-1]) and len(seen) > 2
 
 
 def test_a_skipped_step_leaves_bco_delta_untouched(make_config, monkeypatch):
     trainer = Trainer(make_config(loss="bco", max_steps=3, max_nonfinite=3), verbose=False)
-    real = trainer_module.preference_loss
+    real = trainer.objective.loss
 
-    def nan_rewards_on_second_step(name, chosen, *args, **kwargs):
+    def nan_rewards_on_second_step(chosen, *args, **kwargs):
         if kwargs.get("train") and trainer.step == 1:
             chosen = chosen * mx.array(float("nan"))
-        return real(name, chosen, *args, **kwargs)
+        return real(chosen, *args, **kwargs)
 
-    monkeypatch.setattr(trainer_module, "preference_loss", nan_rewards_on_second_step)
+    monkeypatch.setattr(trainer.objective, "loss", nan_rewards_on_second_step)
     states = []
     step = trainer.train_step
 
     def record(batches):
         result = step(batches)
-        states.append(json.dumps(trainer.loss_state.state_dict()))
+        states.append(json.dumps(trainer.objective.loss_state.state_dict()))
         return result
 
     trainer.train_step = record
@@ -384,7 +384,7 @@ def test_resume_is_exact_with_bco_state_regen_and_averaged_logs(make_config, tmp
     def stop_after_five(batches):
         result = step(batches)
         if first.step == 5:
-            first._interrupted = True
+            first.request_stop()
         return result
 
     first.train_step = stop_after_five
@@ -422,21 +422,21 @@ def test_model_stage_options_change_the_loss(make_config, tmp_path, options):
                for k, v in adapter_parameters(plain.model).items()]  # fmt: skip
     for trainer in (plain, other):
         trainer.model.load_weights(weights, strict=False)
-    batch = plain._step_batches(0)[0]
+    batch = plain.step_batches(0)[0]
     losses, contexts, metrics = [], [], []
     for trainer in (plain, other):
-        ctx = trainer._context(batch, "train", trainer.train_set)
-        loss, m = trainer._forward(batch, ctx, train=False)
+        ctx = batch_context(trainer.objective, batch, "train", trainer.train_set)
+        loss, m = forward(trainer.objective, batch, ctx, train=False)
         losses.append(float(loss))
         contexts.append(ctx)
         metrics.append(m)
     assert np.isfinite(losses).all()
     ctx = contexts[1]
     if options == {"loss": "kto"}:  # the KL rows pair each prompt with another completion
-        assert ctx.policy_kl.shape == (len(batch.lengths),) and "kl" in metrics[1]
+        assert ctx.inputs["policy_kl_logps"].shape == (len(batch.lengths),) and "kl" in metrics[1]
         assert float(metrics[1]["kl"]) >= 0
     else:
         assert abs(losses[0] - losses[1]) > 1e-6
     if options.get("bco_udm"):
-        w = np.asarray(ctx.udm)
+        w = np.asarray(ctx.inputs["udm_weights"])
         assert w.shape == (batch.num_examples,) and np.all((w >= 0.5) & (w <= 10.0))

@@ -18,6 +18,7 @@ import numpy as np
 from mlx_pref.data.batching import (
     PAD_ID,
     Batch,
+    BatchPlan,
     Example,
     PairExample,
     UnpairedExample,
@@ -36,6 +37,7 @@ __all__ = [
     "FORMATS",
     "PAD_ID",
     "Batch",
+    "BatchPlan",
     "Dataset",
     "Example",
     "PairExample",

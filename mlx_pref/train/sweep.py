@@ -8,7 +8,7 @@ from pathlib import Path
 from mlx_pref.checkpoint import list_checkpoints
 from mlx_pref.config import Config
 from mlx_pref.rundir import claim, clear
-from mlx_pref.trainer import Trainer, check_loss_fits_data
+from mlx_pref.train.loop import Trainer, check_loss_fits_data
 
 
 def sweep(

@@ -1,0 +1,38 @@
+"""Reference strategies, named as their config values, and the reference log-prob cache.
+
+``make_reference(cfg, loaded)`` picks one for a run (``build``); ``strategies`` holds the
+live ones (``NoReference``, ``AdaptersOff``, ``SeparateModel``), ``cache`` the on-disk
+``Cached`` one, and ``refresh`` the rules that copy the student into the reference.
+"""
+
+from mlx_pref.reference.build import make_reference, reference_free
+from mlx_pref.reference.cache import (
+    CACHE_FORMAT,
+    Cached,
+    dataset_fingerprint,
+    model_fingerprint,
+)
+from mlx_pref.reference.refresh import mix_adapters, refresh
+from mlx_pref.reference.strategies import (
+    AdaptersOff,
+    NoReference,
+    Reference,
+    SeparateModel,
+    reference_weights,
+)
+
+__all__ = [
+    "CACHE_FORMAT",
+    "AdaptersOff",
+    "Cached",
+    "NoReference",
+    "Reference",
+    "SeparateModel",
+    "dataset_fingerprint",
+    "make_reference",
+    "mix_adapters",
+    "model_fingerprint",
+    "reference_free",
+    "reference_weights",
+    "refresh",
+]

@@ -1,0 +1,407 @@
+"""The training loop: batches in, adapters, checkpoints and metrics out. No loss math here.
+
+Read top to bottom: ``Trainer.__init__`` assembles the run from a Config (model and
+adapters, data and its batch plan, the reference, the loss and its inputs, the
+optimizer); ``train_step`` does one optimizer step; ``evaluate`` scores the held-out set;
+``train`` loops with logging, evaluation, checkpoints, stop requests and a guard against
+non-finite steps. ``Trainer.resume`` continues a run from its last intact checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+
+from mlx_pref import backend
+from mlx_pref.adapters import ADAPTER_CONFIG, ADAPTER_FILE, attach_adapters, save_adapters
+from mlx_pref.checkpoint import CHECKPOINTS, latest_valid, remove_after
+from mlx_pref.config import RUN_CONFIG, Config, load_config
+from mlx_pref.data import Batch, BatchPlan, Dataset, collate, data_warnings, load_datasets
+from mlx_pref.errors import ConfigError, Interrupted, NonFiniteError
+from mlx_pref.generate import answer
+from mlx_pref.logps import set_compile
+from mlx_pref.losses import (
+    beta_at,
+    get_loss,
+    parse_loss,
+    prepare_loss,
+    supplied_inputs,
+    unused_params,
+)
+from mlx_pref.models import LoadedModel, enable_grad_checkpoint, load_model
+from mlx_pref.progress import METRICS_FILE, MetricsLog, Progress, format_metrics
+from mlx_pref.reference import make_reference, refresh
+from mlx_pref.rundir import check_output, claim
+from mlx_pref.train import checkpointing
+from mlx_pref.train.inputs import UDM
+from mlx_pref.train.step import (
+    Objective,
+    StepResult,
+    batch_context,
+    forward,
+    loss_and_grad,
+    lr_schedule,
+    sum_metrics,
+    train_step,
+)
+
+SAMPLES_FILE = "samples.jsonl"
+LOG_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_sec")
+EVAL_KEYS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
+
+
+def check_loss_fits_data(loss, train_set: Dataset, eval_set: Dataset | None) -> None:
+    """Paired losses need pairs; the held-out set must be of the training set's kind."""
+    paired_only = [get_loss(name).name for name in parse_loss(loss) if get_loss(name).paired]
+    if paired_only and not train_set.paired:
+        raise ConfigError(
+            f"loss {', '.join(paired_only)} needs paired data (prompt/chosen/rejected) but "
+            f"{train_set.name} holds unpaired rows (prompt/completion/label): "
+            "use loss: bco or kto"
+        )
+    if eval_set is not None and eval_set.paired != train_set.paired:
+        raise ConfigError(
+            f"eval_data {eval_set.name} is {'paired' if eval_set.paired else 'unpaired'} but "
+            f"the training data is {'paired' if train_set.paired else 'unpaired'}"
+        )
+
+
+def check_hub_login(repo_id: str) -> None:
+    """A well-formed repo id and a Hub login (the token itself is never shown)."""
+    from huggingface_hub import get_token
+
+    from mlx_pref.export import ExportError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ExportError as exc:
+        raise ConfigError(str(exc)) from None
+    if not get_token():
+        raise ConfigError(
+            "push_to_hub: not logged in to the Hugging Face Hub; run `hf auth login` "
+            "or set HF_TOKEN before training"
+        )
+
+
+class Trainer:
+    """Preference optimisation of LoRA adapters on one model, driven by a Config."""
+
+    def __init__(self, config: Config, *, loaded: LoadedModel | None = None, verbose: bool = True):
+        self.config = cfg = config
+        if cfg.push_to_hub:  # before any model loads: fail now, not after hours of training
+            check_hub_login(cfg.push_to_hub)
+        group = backend.distributed_group()
+        self.world, self.is_main = group.size(), group.rank() == 0
+        """Only the first process writes checkpoints, metrics, logs and exports."""
+        self.verbose = verbose and self.is_main
+        self.progress = Progress(0, enabled=self.verbose)
+        self.run_dir = Path(cfg.output)
+        mx.random.seed(cfg.seed)
+        self.loaded = loaded or load_model(
+            cfg.model, quantization_bits=cfg.quantization_bits, dtype=cfg.dtype,
+            dequantize=cfg.dequantize,
+        )  # fmt: skip
+        self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        backend.set_wired_limit()  # Metal: keep the weights resident between steps
+        for note in self.loaded.notes:
+            self.log(note)
+        self.adapter_config, sft_weights = attach_adapters(self.model, cfg.lora, cfg.adapter)
+        if cfg.grad_checkpoint:
+            enable_grad_checkpoint(self.model)
+        set_compile(cfg.compile)
+        self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer)
+        check_loss_fits_data(cfg.loss, self.train_set, self.eval_set)
+        if (cfg.use_weighting or cfg.ld_alpha is not None) and not self.train_set.paired:
+            raise ConfigError(
+                "use_weighting (WPO) and ld_alpha (LD-DPO) weigh pairs: they need paired data"
+            )
+        for line in data_warnings(self.train_set, cfg):
+            self.log(line)
+        for key in unused_params(cfg.loss, cfg.loss_params):
+            self.log(f"note: {key} has no effect on loss {cfg.loss}")
+        rank = group.rank()
+        self.plan = BatchPlan(
+            self.train_set.examples, cfg.batch_size, cfg.grad_accum, cfg.seed,
+            cfg.share_prompt, self.world, rank,
+        )  # fmt: skip
+        self.steps_per_epoch = self.plan.steps_per_epoch
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"{self.train_set.name}: too few examples for {self.world} processes")
+        reference = make_reference(
+            cfg, self.loaded, sft_weights=sft_weights, steps_per_epoch=self.steps_per_epoch,
+            log=self.log, show_progress=self.verbose,
+        )  # fmt: skip
+        reference.attach({"train": self.train_set, "eval": self.eval_set})
+        self.objective = Objective(
+            self.model, cfg, prepare_loss(cfg.loss, label_smoothing=cfg.label_smoothing,
+                                          **cfg.loss_params),
+            reference, supplied_inputs(cfg.loss, vars(cfg)), beta=cfg.beta,
+        )  # fmt: skip
+        if cfg.bco_udm:
+            self.objective.udm = UDM(cfg, self.model, self.train_set, self.log)
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.optimizer = optim.AdamW(
+            learning_rate=lr_schedule(cfg, self.total_steps), weight_decay=cfg.weight_decay
+        )
+        self.grad_fn = loss_and_grad(self.objective)
+        self.step = self.nonfinite_in_a_row = self.skipped_steps = 0
+        self.window: list[dict] = []
+        """Per-step metrics since the last logged record (checkpointed: exact logs on resume)."""
+        self.metrics_log = MetricsLog(self.run_dir, enabled=self.is_main)
+        self.samples_log = MetricsLog(self.run_dir, enabled=self.is_main, name=SAMPLES_FILE)
+        self.progress.total = self.total_steps
+        self.stop_signal = 0
+        """The signal that asked the run to stop after the current step (0: none)."""
+        self.resumed = False
+        """Built by ``resume``: the run directory is already this run's."""
+
+    @property
+    def reference(self):
+        return self.objective.reference
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    def log(self, text: str) -> None:
+        if self.verbose:
+            self.progress.message(text)
+
+    def beta(self) -> float:
+        """β at the current step (the schedule is resolved against the real total steps)."""
+        cfg = self.config
+        return beta_at(self.step, self.total_steps, cfg.beta, cfg.beta_end, cfg.beta_schedule)
+
+    def step_batches(self, step: int) -> list[Batch]:
+        """The micro-batches of optimizer step ``step`` (0-based), a pure function of it."""
+        return self.plan.step(step)
+
+    def train_step(self, batches: Batch | list[Batch]) -> StepResult:
+        """One optimizer step over one batch, or several accumulated micro-batches."""
+        batches = [batches] if isinstance(batches, Batch) else batches
+        mx.random.seed(self.config.seed * 1_000_003 + self.step)  # dropout: exact on resume
+        self.objective.beta = self.beta()
+        result = train_step(self.objective, self.optimizer, batches, self.train_set, self.grad_fn)
+        self.nonfinite_in_a_row = 0 if result.finite else self.nonfinite_in_a_row + 1
+        self.skipped_steps += not result.finite
+        result.metrics["skipped_steps"] = self.skipped_steps
+        self.step += 1
+        return result
+
+    def evaluate(self, dataset: Dataset | None = None) -> dict[str, float]:
+        """Mean loss and TRL metrics over the held-out set, prefixed ``eval/``."""
+        split = "eval" if dataset is None else "custom"
+        dataset = dataset or self.eval_set
+        if dataset is None:
+            return {}
+        if split == "custom":
+            self.reference.attach({"custom": dataset})
+            if self.objective.udm is not None:
+                self.objective.udm.forget("custom")
+        plan = BatchPlan(dataset.examples, self.config.batch_size, 1, 0,
+                         self.config.share_prompt, self.world, self.plan.rank)  # fmt: skip
+        order = plan.shard(seed=0, epoch=0)
+        if not order:
+            raise ConfigError(f"{dataset.name}: fewer eval examples than processes ({self.world})")
+        sums: dict[str, mx.array] = {}
+        self.model.eval()
+        try:
+            for idx in order[: self.config.eval_batches]:
+                batch = collate([dataset.examples[i] for i in idx], idx)
+                ctx = batch_context(self.objective, batch, split, dataset)
+                loss, metrics = forward(self.objective, batch, ctx, train=False)
+                for k, v in {"loss": loss, "count": mx.array(1.0), **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + batch.num_examples * v
+                mx.eval(sums)
+        finally:
+            self.model.train()
+        if self.world > 1:
+            sums = sum_metrics(sums)
+        count = float(sums.pop("count"))
+        return {f"eval/{k}": float(v) / count for k, v in sums.items()}
+
+    def train(self) -> dict[str, float]:
+        """Train to ``total_steps``; returns the final metrics (train and eval)."""
+        cfg = self.config
+        if self.step == 0:
+            if self.is_main:
+                if not self.resumed:
+                    check_output(self.run_dir, "run")
+                claim(self.run_dir, "run", self.run_files())
+                cfg.save(self.run_dir / RUN_CONFIG)
+            self.metrics_log.truncate_after(0)
+            self.samples_log.truncate_after(0)
+        kind = "pairs" if self.train_set.paired else "rows"
+        self.log(f"training {self.total_steps} steps: {len(self.train_set)} {kind}, "
+                 f"loss {cfg.loss}, output {self.run_dir}")  # fmt: skip
+        self.log(f"reference: {self.reference.describe()}")
+        last: dict[str, float] = {}
+        previous = self._install_signal_handlers()
+        try:
+            while self.step < self.total_steps:
+                for line in refresh(self.reference, self.model, cfg, self.step,
+                                    self.steps_per_epoch):  # fmt: skip
+                    self.log(line)
+                result = self.train_step(self.step_batches(self.step))
+                self.window.append(result.metrics)
+                self.progress.update(self.step, result.metrics)
+                if self.step % cfg.log_every == 0 or self.finished:
+                    last = self._log_window()
+                if self.step % cfg.eval_every == 0 or self.finished:
+                    last.update(self._log_eval())
+                if self.nonfinite_in_a_row >= cfg.max_nonfinite:
+                    path = self.save_checkpoint()
+                    raise NonFiniteError(
+                        f"stopped at step {self.step}: {self.nonfinite_in_a_row} steps in a row "
+                        f"had a non-finite loss or gradient ({self.skipped_steps} skipped in "
+                        f"all). Checkpoint: {path}. Lower learning_rate or beta, or check the "
+                        "data, then resume with --resume."
+                    )
+                if self.step % cfg.save_every == 0 or self.finished:
+                    self.save_checkpoint()
+                if self._stop_requested():
+                    self.save_checkpoint()
+                    raise Interrupted(
+                        f"interrupted at step {self.step}; checkpoint saved. Resume with: "
+                        f"mlx-pref train --resume {self.run_dir}",
+                        128 + int(self.stop_signal or signal.SIGINT),
+                    )
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.progress.close()
+        if not self.is_main:
+            return last
+        save_adapters(self.model, self.run_dir, self.adapter_config)
+        self.log(f"adapters saved to {self.run_dir}")
+        if cfg.push_to_hub:
+            from mlx_pref.export import export_and_push
+
+            folder = export_and_push(self.run_dir, cfg.push_to_hub, private=cfg.hub_private)
+            self.log(f"exported to {folder} and pushed to https://huggingface.co/{cfg.push_to_hub}")
+        return last
+
+    def run_files(self) -> list[str]:
+        """The names this run writes in its directory (listed in its ownership marker)."""
+        files = [RUN_CONFIG, METRICS_FILE, CHECKPOINTS, ADAPTER_FILE, ADAPTER_CONFIG]
+        return files + ([SAMPLES_FILE] if self.config.generate_during_eval else [])
+
+    def save_checkpoint(self) -> Path:
+        """Write an atomic checkpoint for the current step (skipped if it exists)."""
+        return checkpointing.save(self)
+
+    @classmethod
+    def resume(
+        cls, run_dir: str | Path, overrides: dict | None = None, *, verbose: bool = True
+    ) -> Trainer:
+        """A trainer for the run in ``run_dir``, at its newest intact checkpoint; see
+        ``checkpointing.resumed_config`` for which settings may change."""
+        run_dir = Path(run_dir)
+        config, changed = checkpointing.resumed_config(run_dir, overrides)
+        trainer = cls(config, verbose=verbose)
+        trainer.resumed = True
+        path = latest_valid(run_dir, warn=trainer.log)
+        if path is None:
+            trainer.log(f"no intact checkpoint in {run_dir}: starting from step 0")
+        else:
+            checkpointing.restore(trainer, path)
+        if trainer.step > trainer.total_steps:
+            raise ConfigError(
+                f"{run_dir} is at step {trainer.step}, past the {trainer.total_steps} steps "
+                "asked for; pass a larger --max-steps (or --epochs) to train longer"
+            )
+        if trainer.finished:
+            return trainer  # nothing is written
+        if trainer.is_main:
+            claim(run_dir, "run", trainer.run_files())
+            if changed:
+                config.save(run_dir / RUN_CONFIG)
+            # checkpoints and log records past this one were damaged or are stale now
+            remove_after(run_dir, trainer.step if path else -1)
+        trainer.metrics_log.truncate_after(trainer.step)
+        trainer.samples_log.truncate_after(trainer.step)
+        if path is not None:
+            trainer.log(f"resumed from {path} (step {trainer.step})")
+        return trainer
+
+    def request_stop(self, signum: int = signal.SIGINT) -> None:
+        """Stop after the current step with a checkpoint (what Ctrl-C and SIGTERM do)."""
+        self.stop_signal = signum
+
+    def _install_signal_handlers(self) -> dict:
+        """Ctrl-C and SIGTERM (what schedulers send) stop after the current step with a
+        checkpoint. Signal handlers exist only on the main thread; elsewhere none is set."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+        return previous
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal:  # a second signal stops at once
+            raise KeyboardInterrupt
+        self.request_stop(signum)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
+        self.log(f"{name}: stopping after this step and saving...{again}")
+
+    def _stop_requested(self) -> bool:
+        """Whether any process was asked to stop: all processes stop at the same step."""
+        if self.world == 1:
+            return bool(self.stop_signal)
+        return float(backend.all_sum(mx.array(float(bool(self.stop_signal))))) > 0
+
+    def _log_window(self) -> dict:
+        window, self.window = self.window, []
+        record = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
+        for key in window[-1]:
+            record[key] = float(np.mean([m[key] for m in window if key in m]))
+        self.metrics_log.write(record)
+        self.log(f"step {self.step}: " + format_metrics(record, LOG_KEYS))
+        return record
+
+    def generate_samples(self) -> list[dict]:
+        """Greedy completions for the first few eval prompts from the policy and the
+        reference, side by side (written to samples.jsonl at each evaluation)."""
+        cfg = self.config
+        dataset = self.eval_set or self.train_set
+        prompts = list(dict.fromkeys(e.prompt for e in dataset.examples))[: cfg.generate_prompts]
+        out = []
+        for prompt in prompts:
+            row = {"step": self.step, "prompt": self.tokenizer.decode(list(prompt))}
+            row["policy"] = answer(self.model, self.tokenizer, prompt, cfg.generate_max_tokens)
+            with self.reference.as_model() as reference:
+                if reference is not None:
+                    row["reference"] = answer(
+                        reference, self.tokenizer, prompt, cfg.generate_max_tokens
+                    )
+            out.append(row)
+        return out
+
+    def _log_eval(self) -> dict:
+        t0 = time.perf_counter()
+        metrics = self.evaluate()
+        if self.config.generate_during_eval and self.is_main:
+            for row in self.generate_samples():
+                self.samples_log.write(row)
+        if metrics:
+            self.metrics_log.write({"step": self.step, **metrics})
+            self.log(f"eval step {self.step}: " + format_metrics(metrics, EVAL_KEYS))
+        mx.clear_cache()  # evaluation's buffers are not the training step's
+        self.progress.exclude(time.perf_counter() - t0)
+        return metrics
+
+
+def train(config: Config | str | Path | None = None, **overrides) -> dict[str, float]:
+    """Train from a Config, a YAML path, or the embedded default; returns final metrics."""
+    if not isinstance(config, Config):
+        config = load_config(config, overrides)
+    return Trainer(config).train()
