@@ -25,6 +25,10 @@ class WriteError(MlxPrefError):
     """A file could not be written (disk full, read-only); nothing half-written is left."""
 
 
+class GGUFError(ModelError, ValueError):
+    """A GGUF file cannot be read: damaged, or a layout mlx-pref does not support."""
+
+
 class Interrupted(MlxPrefError):
     """Ctrl-C or SIGTERM: a checkpoint was saved; the message says how to resume.
 

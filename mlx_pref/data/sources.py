@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from mlx_pref.data.hub import download_dataset
 from mlx_pref.errors import DataError
 
 LINE_SUFFIXES = (".jsonl", ".ndjson")
@@ -194,14 +195,6 @@ def select_split(relpaths: list[str], split: str | None) -> list[str]:
 
 def hub_files(spec: HubSpec) -> list[DataFile]:
     """Download (or find in the cache) a Hub dataset's JSON files and pick the split's."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
     shown = f"{HUB_PREFIX}{spec.repo}"
     sub = spec.path.strip("/") if spec.path else ""
     if sub and is_data_file(sub):
@@ -209,32 +202,7 @@ def hub_files(spec: HubSpec) -> list[DataFile]:
     else:
         prefix = f"{sub}/" if sub else ""
         patterns = [f"{prefix}*{suffix}" for suffix in DATA_SUFFIXES]
-    try:
-        root = Path(snapshot_download(spec.repo, repo_type="dataset", allow_patterns=patterns))
-    except LocalEntryNotFoundError:
-        raise DataError(
-            f"cannot download dataset '{spec.repo}' from the Hugging Face Hub: offline "
-            "(no network, or HF_HUB_OFFLINE=1) and not in the local cache. Connect once to "
-            "cache it, or pass a local file."
-        ) from None
-    except GatedRepoError:
-        raise DataError(
-            f"dataset '{spec.repo}' is gated on the Hugging Face Hub: accept its terms on its "
-            "page and log in (hf auth login)"
-        ) from None
-    except RepositoryNotFoundError:
-        raise DataError(
-            f"dataset '{spec.repo}' not found on the Hugging Face Hub (if it is private, log "
-            "in with hf auth login); a local path that does not exist is read as a Hub id"
-        ) from None
-    except HfHubHTTPError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"cannot download dataset '{spec.repo}': {first}") from None
-    except OSError as exc:
-        raise DataError(
-            f"cannot download dataset '{spec.repo}' from the Hugging Face Hub "
-            f"({type(exc).__name__}); check the network or pass a local file"
-        ) from None
+    root = download_dataset(spec.repo, patterns)
     target = root / sub if sub else root
     if sub and is_data_file(sub):
         if not target.is_file():

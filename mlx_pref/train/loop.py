@@ -10,7 +10,6 @@ non-finite steps. ``Trainer.resume`` continues a run from its last intact checkp
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -28,8 +27,6 @@ from mlx_pref.generate import answer
 from mlx_pref.logps import set_compile
 from mlx_pref.losses import (
     beta_at,
-    get_loss,
-    parse_loss,
     prepare_loss,
     supplied_inputs,
     unused_params,
@@ -40,6 +37,7 @@ from mlx_pref.reference import make_reference, refresh
 from mlx_pref.rundir import check_output, claim
 from mlx_pref.train import checkpointing
 from mlx_pref.train.inputs import UDM
+from mlx_pref.train.preflight import check_hub_login, check_loss_fits_data
 from mlx_pref.train.step import (
     Objective,
     StepResult,
@@ -50,43 +48,11 @@ from mlx_pref.train.step import (
     sum_metrics,
     train_step,
 )
+from mlx_pref.train.stopping import StopRequest
 
 SAMPLES_FILE = "samples.jsonl"
 LOG_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_sec")
 EVAL_KEYS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
-
-
-def check_loss_fits_data(loss, train_set: Dataset, eval_set: Dataset | None) -> None:
-    """Paired losses need pairs; the held-out set must be of the training set's kind."""
-    paired_only = [get_loss(name).name for name in parse_loss(loss) if get_loss(name).paired]
-    if paired_only and not train_set.paired:
-        raise ConfigError(
-            f"loss {', '.join(paired_only)} needs paired data (prompt/chosen/rejected) but "
-            f"{train_set.name} holds unpaired rows (prompt/completion/label): "
-            "use loss: bco or kto"
-        )
-    if eval_set is not None and eval_set.paired != train_set.paired:
-        raise ConfigError(
-            f"eval_data {eval_set.name} is {'paired' if eval_set.paired else 'unpaired'} but "
-            f"the training data is {'paired' if train_set.paired else 'unpaired'}"
-        )
-
-
-def check_hub_login(repo_id: str) -> None:
-    """A well-formed repo id and a Hub login (the token itself is never shown)."""
-    from huggingface_hub import get_token
-
-    from mlx_pref.export import ExportError, validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except ExportError as exc:
-        raise ConfigError(str(exc)) from None
-    if not get_token():
-        raise ConfigError(
-            "push_to_hub: not logged in to the Hugging Face Hub; run `hf auth login` "
-            "or set HF_TOKEN before training"
-        )
 
 
 class Trainer:
@@ -156,8 +122,7 @@ class Trainer:
         self.metrics_log = MetricsLog(self.run_dir, enabled=self.is_main)
         self.samples_log = MetricsLog(self.run_dir, enabled=self.is_main, name=SAMPLES_FILE)
         self.progress.total = self.total_steps
-        self.stop_signal = 0
-        """The signal that asked the run to stop after the current step (0: none)."""
+        self.stop = StopRequest(self.log)
         self.resumed = False
         """Built by ``resume``: the run directory is already this run's."""
 
@@ -242,7 +207,7 @@ class Trainer:
                  f"loss {cfg.loss}, output {self.run_dir}")  # fmt: skip
         self.log(f"reference: {self.reference.describe()}")
         last: dict[str, float] = {}
-        previous = self._install_signal_handlers()
+        self.stop.install()
         try:
             while self.step < self.total_steps:
                 for line in refresh(self.reference, self.model, cfg, self.step,
@@ -265,16 +230,15 @@ class Trainer:
                     )
                 if self.step % cfg.save_every == 0 or self.finished:
                     self.save_checkpoint()
-                if self._stop_requested():
+                if self.stop.requested(self.world):
                     self.save_checkpoint()
                     raise Interrupted(
                         f"interrupted at step {self.step}; checkpoint saved. Resume with: "
                         f"mlx-pref train --resume {self.run_dir}",
-                        128 + int(self.stop_signal or signal.SIGINT),
+                        self.stop.exit_code,
                     )
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+            self.stop.uninstall()
             self.progress.close()
         if not self.is_main:
             return last
@@ -332,32 +296,7 @@ class Trainer:
 
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Stop after the current step with a checkpoint (what Ctrl-C and SIGTERM do)."""
-        self.stop_signal = signum
-
-    def _install_signal_handlers(self) -> dict:
-        """Ctrl-C and SIGTERM (what schedulers send) stop after the current step with a
-        checkpoint. Signal handlers exist only on the main thread; elsewhere none is set."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        previous = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._on_signal)
-        return previous
-
-    def _on_signal(self, signum, frame) -> None:
-        if self.stop_signal:  # a second signal stops at once
-            raise KeyboardInterrupt
-        self.request_stop(signum)
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
-        self.log(f"{name}: stopping after this step and saving...{again}")
-
-    def _stop_requested(self) -> bool:
-        """Whether any process was asked to stop: all processes stop at the same step."""
-        if self.world == 1:
-            return bool(self.stop_signal)
-        return float(backend.all_sum(mx.array(float(bool(self.stop_signal))))) > 0
+        self.stop.request(signum)
 
     def _log_window(self) -> dict:
         window, self.window = self.window, []

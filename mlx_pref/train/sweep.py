@@ -8,7 +8,8 @@ from pathlib import Path
 from mlx_pref.checkpoint import list_checkpoints
 from mlx_pref.config import Config
 from mlx_pref.rundir import claim, clear
-from mlx_pref.train.loop import Trainer, check_loss_fits_data
+from mlx_pref.train.loop import EVAL_KEYS, Trainer
+from mlx_pref.train.preflight import check_loss_fits_data
 
 
 def sweep(
@@ -57,7 +58,7 @@ def sweep(
 
 def sweep_table(results: list[tuple[str, dict[str, float]]]) -> str:
     """A plain-text comparison of the final eval metrics of a sweep."""
-    keys = ["eval/loss", "eval/rewards/accuracies", "eval/rewards/margins", "eval/logps/chosen"]
+    keys = [*EVAL_KEYS, "eval/logps/chosen"]
     header = ["loss", *[k.removeprefix("eval/") for k in keys]]
     rows = [[name, *[f"{m[k]:.4f}" if k in m else "-" for k in keys]] for name, m in results]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]

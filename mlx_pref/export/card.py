@@ -65,14 +65,15 @@ PRIVATE = {
 LOSS_TAGS = {"sigmoid": "dpo"}
 
 
-def loss_names(config: Config) -> list[str]:
+def configured_losses(config: Config) -> list[str]:
+    """The loss names a run's config gives (one, or the parts of a weighted loss)."""
     return list(config.loss) if isinstance(config.loss, dict) else [config.loss]
 
 
 def tags(config: Config, dora: bool, library: str) -> list[str]:
     """``mlx-pref``, the loss names in the spelling users search for, ``lora`` (and ``dora``)."""
     out = ["mlx-pref"]
-    for name in loss_names(config):
+    for name in configured_losses(config):
         tag = LOSS_TAGS.get(name, name)
         if tag not in out:
             out.append(tag)
@@ -294,7 +295,7 @@ def model_card(
     ``repo_id`` is given, pushed there (the loading snippets then name the repo)."""
     on_hub = repo_id is not None
     location = repo_id or str(output)
-    losses = " + ".join(LOSS_TAGS.get(n, n) for n in loss_names(run.config))
+    losses = " + ".join(LOSS_TAGS.get(n, n) for n in configured_losses(run.config))
     kind = "DoRA" if run.dora else "LoRA"
     what = {
         "mlx": f"A {kind} adapter for **{base.name}** in mlx-lm's format",

@@ -1,0 +1,48 @@
+"""``mlx-pref data check``: what training would read from a dataset, before training."""
+
+from __future__ import annotations
+
+import click
+
+from mlx_pref.cli.app import cli
+from mlx_pref.config import DATA_FORMATS, TRUNCATION_MODES
+
+
+@cli.group()
+def data() -> None:
+    """Inspect preference datasets."""
+
+
+@data.command("check")
+@click.argument("spec", metavar="FILE")
+@click.option("--model", help="Model whose tokenizer to use (default: embedded tiny model).")
+@click.option(
+    "--format",
+    "data_format",
+    type=click.Choice(DATA_FORMATS),
+    help="Row format (default: detected per file).",
+)
+@click.option("--max-length", type=int, help="Maximum prompt + completion tokens.")
+@click.option("--max-prompt-length", type=int, help="Maximum prompt tokens.")
+@click.option("--max-completion-length", type=int, help="Maximum tokens per completion.")
+@click.option("--truncation-mode", type=click.Choice(TRUNCATION_MODES))
+@click.option("--strict", is_flag=True, default=None, help="Make any bad row an error.")
+@click.option("--batch-size", type=int, help="Batch size for the padding figures.")
+def data_check(spec, model, data_format, batch_size, **flags) -> None:
+    """Validate a dataset and print what training would read from it.
+
+    FILE is a .jsonl/.json file (or .gz), a directory of them, or a Hugging Face Hub
+    dataset: hf://owner/name[/path][:split]. Exit status 2 on a fatal problem.
+    """
+    from mlx_pref.config import load_config
+    from mlx_pref.data.check import check_dataset, load_tokenizer
+    from mlx_pref.data.sources import resolve_files
+
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    overrides.update({"data": spec, "model": model, "format": data_format or "auto"})
+    if batch_size is not None:
+        overrides["batch_size"] = batch_size
+    cfg = load_config(None, overrides)
+    files = resolve_files(spec)  # a missing file or Hub repo fails before the model loads
+    result = check_dataset(spec, load_tokenizer(cfg.model), cfg, files=files)
+    click.echo(result.format())

@@ -1,0 +1,112 @@
+"""Commands around a run: ``losses``, ``init``, ``plot`` and ``doctor``."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from pathlib import Path
+
+import click
+
+from mlx_pref import backend
+from mlx_pref.cli.app import cli
+from mlx_pref.errors import MlxPrefError
+
+
+@cli.command()
+def losses() -> None:
+    """List every loss: its formula, whether it needs a reference, its data, its paper."""
+    from mlx_pref.losses import describe_losses
+
+    rows = describe_losses()
+    name_w = max(len(r["name"]) for r in rows)
+    for r in rows:
+        aliases = f" ({', '.join(r['aliases'])})" if r.get("aliases") else ""
+        ref = "reference" if r["reference"] else "no reference"
+        data = "paired" if r["paired"] else "unpaired"
+        click.echo(f"{r['name']:<{name_w}}  {r['formula']}")
+        click.echo(f"{'':<{name_w}}  {ref}, {data}{aliases}; {r['paper']}")
+
+
+TEMPLATES = ("dpo", "ipo", "simpo", "orpo", "bco", "kto", "weighted")
+
+
+@cli.command()
+@click.option("--template", type=click.Choice(TEMPLATES), default="dpo", show_default=True)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="File to write (default: TEMPLATE.yaml).",
+)
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def init(template: str, output: str | None, force: bool) -> None:
+    """Write a commented starter config for a loss family; it runs as written."""
+    from importlib.resources import files
+
+    from mlx_pref.checkpoint import write_atomic
+
+    path = Path(output or f"{template}.yaml")
+    if path.is_dir():
+        raise MlxPrefError(f"init: {path} is a folder; name a file with --output")
+    if path.exists() and not force:
+        raise MlxPrefError(
+            f"{path} exists; pass --force to overwrite or --output to pick another file"
+        )
+    if not path.parent.is_dir():
+        raise MlxPrefError(f"init: cannot write {path}: the folder {path.parent} does not exist")
+    text = (files("mlx_pref") / "templates" / f"{template}.yaml").read_text()
+    write_atomic(path, lambda tmp: tmp.write_text(text))
+    click.echo(f"wrote {path}; train with: mlx-pref train {path}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False),
+    help="PNG path (default: RUN_DIR/curves.png).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing --output file.")
+def plot(run_dir: str, output: str | None, force: bool) -> None:
+    """Draw a run's training and eval curves (loss, reward accuracy, margins, beta)."""
+    from mlx_pref.plot import plot_run
+
+    click.echo(f"wrote {plot_run(run_dir, output, force=force)}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def doctor(as_json: bool) -> None:
+    """Report the platform, MLX backend, BLAS (with a measured matmul rate), memory, versions."""
+    problem = backend.check_mlx_backend()
+    if problem:
+        raise MlxPrefError(problem)
+    blas = backend.blas_info()
+    total = backend.total_memory()
+    report = {
+        "platform": f"{platform.system()} {platform.machine()} ({platform.platform()})",
+        "python": sys.version.split()[0],
+        "backend": backend.backend_name(),
+        "device": backend.device_info(),
+        "blas": blas.name,
+        "blas_path": blas.path,
+        "blas_fast": blas.fast,
+        "blas_note": blas.note,
+        "matmul_gflops": round(backend.matmul_gflops(), 1),
+        "memory_total_gb": round(total / 1e9, 1) if total else None,
+        "peak_rss_gb": round(backend.peak_rss() / 1e9, 2),
+        "versions": backend.package_versions(),
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    width = max(len(k) for k in report)
+    for key, value in report.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+        click.echo(f"{key:<{width}}  {value}")
+    if not blas.fast:
+        click.echo(f"hint: matmuls use a slow BLAS ({blas.note}).")

@@ -1,0 +1,31 @@
+"""The run configuration: ``Config`` (``schema.py``), its checks (``checks.py``) and how it
+is read from YAML files and flags (``load.py``). ``load_config`` is the one way to get one."""
+
+from mlx_pref.config.checks import (
+    DATA_FORMATS,
+    DTYPES,
+    EXPORT_FORMATS,
+    LR_SCHEDULES,
+    QUANTIZATION_BITS,
+    REFERENCES,
+    TRUNCATION_MODES,
+)
+from mlx_pref.config.load import config_from_dict, load_config, merge, read_yaml
+from mlx_pref.config.schema import RUN_CONFIG, Config, LoraConfig
+
+__all__ = [
+    "DATA_FORMATS",
+    "DTYPES",
+    "EXPORT_FORMATS",
+    "LR_SCHEDULES",
+    "QUANTIZATION_BITS",
+    "REFERENCES",
+    "RUN_CONFIG",
+    "TRUNCATION_MODES",
+    "Config",
+    "LoraConfig",
+    "config_from_dict",
+    "load_config",
+    "merge",
+    "read_yaml",
+]

@@ -1,0 +1,41 @@
+"""Checks a run passes before it trains, beyond its config's own: the loss fits the data,
+the Hub login is there. Each fails with one line, before hours are spent."""
+
+from __future__ import annotations
+
+from mlx_pref.data import Dataset
+from mlx_pref.errors import ConfigError
+from mlx_pref.losses import get_loss, parse_loss
+
+
+def check_loss_fits_data(loss, train_set: Dataset, eval_set: Dataset | None) -> None:
+    """Paired losses need pairs; the held-out set must be of the training set's kind."""
+    paired_only = [get_loss(name).name for name in parse_loss(loss) if get_loss(name).paired]
+    if paired_only and not train_set.paired:
+        raise ConfigError(
+            f"loss {', '.join(paired_only)} needs paired data (prompt/chosen/rejected) but "
+            f"{train_set.name} holds unpaired rows (prompt/completion/label): "
+            "use loss: bco or kto"
+        )
+    if eval_set is not None and eval_set.paired != train_set.paired:
+        raise ConfigError(
+            f"eval_data {eval_set.name} is {'paired' if eval_set.paired else 'unpaired'} but "
+            f"the training data is {'paired' if train_set.paired else 'unpaired'}"
+        )
+
+
+def check_hub_login(repo_id: str) -> None:
+    """A well-formed repo id and a Hub login (the token itself is never shown)."""
+    from huggingface_hub import get_token
+
+    from mlx_pref.export import ExportError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ExportError as exc:
+        raise ConfigError(str(exc)) from None
+    if not get_token():
+        raise ConfigError(
+            "push_to_hub: not logged in to the Hugging Face Hub; run `hf auth login` "
+            "or set HF_TOKEN before training"
+        )
