@@ -1,32 +1,31 @@
-"""Log-probabilities of completion tokens, summed per sequence, without full-vocabulary copies.
+"""Log-probabilities of completion tokens, summed per sequence, with no padding and no
+full-vocabulary copies.
 
-The transformer body runs on every position, but the LM head (the largest single
-elementwise cost: a vocabulary-wide logsumexp per position) runs only where a
-completion token is predicted, gathered into one (M, D) matrix and processed in row
-chunks, so no (N, T, V) logits tensor or log_softmax copy is ever built.
+A batch is packed into one row (``attention.py``): each prompt once, then the completions
+that follow it, every token at its true position; chosen and rejected both attend to their
+shared prompt, never to each other. So no slot is padding and each prompt is run once. The
+transformer body runs on every token, but the LM head (the largest single elementwise
+cost: a vocabulary-wide logsumexp per position) runs only where a completion token is
+predicted, in row chunks, so no (N, T, V) logits tensor or log_softmax copy is built.
+Models whose attention layers the packing hooks do not fit get right-padded rows instead.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx_lm.models.base import create_causal_mask
 
+from mlx_pref import attention
 from mlx_pref.backend import sequence_multiple
 from mlx_pref.data.batching import Batch
 from mlx_pref.losses import ld_sequence_logps, log_sum_squared_probs, wpo_pair_weights
 
 # Architectures whose forward is exactly ``head(model.model(tokens))``: for these the
 # head can be applied to gathered positions only. Others fall back to full logits.
-# Prompt sharing needs mlx-lm's cache mask hook with left padding (mlx-lm 0.28+); without
-# it every batch takes the concatenated forward.
-PREFIX_MASKS = "left_padding" in inspect.signature(create_causal_mask).parameters
 SPLIT_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"}
 HEAD_CHUNK_ROWS = 1024
 
@@ -38,29 +37,39 @@ class SequenceLogps:
     sums: mx.array
     """(N,) summed log-probs of each row's completion tokens."""
     token_logps: mx.array
-    """(M,) log-prob of every scored token, row-major."""
-    flat: np.ndarray
-    """(M,) each scored token's position in the flattened (N, T-1) target grid."""
-    shape: tuple[int, int]
-    """(N, T-1): rows and target positions of the batch."""
+    """(M,) log-prob of every scored token, row by row."""
+    rows: np.ndarray
+    """(M,) the row each scored token belongs to."""
+    cols: np.ndarray
+    """(M,) its place among its row's scored completion tokens."""
+    num_rows: int
     token_log_sum_p2: mx.array | None = None
     """(M,) log Σ_v p_v² at each scored token (only when asked for: WPO)."""
 
+    @property
+    def width(self) -> int:
+        return int(self.cols.max()) + 1 if len(self.cols) else 1
+
     def dense(self, values: mx.array) -> mx.array:
-        """Per-token ``values`` (M,) scattered onto the (N, T-1) grid, zeros elsewhere."""
-        n, t = self.shape
-        grid = (
-            mx.zeros((n * t,), dtype=values.dtype)
-            .at[mx.array(self.flat.astype(np.int32))]
-            .add(values)
-        )
-        return grid.reshape(n, t)
+        """Per-token ``values`` (M,) laid out as (N, width), zeros elsewhere (each slot is
+        written once, so the result does not depend on the order of the writes)."""
+        slots = mx.array((self.rows * self.width + self.cols).astype(np.int32))
+        grid = mx.zeros((self.num_rows * self.width,), dtype=values.dtype).at[slots].add(values)
+        return grid.reshape(self.num_rows, self.width)
 
     def mask(self) -> mx.array:
-        n, t = self.shape
-        grid = np.zeros(n * t, dtype=np.float32)
-        grid[self.flat] = 1.0
-        return mx.array(grid.reshape(n, t))
+        grid = np.zeros((self.num_rows, self.width), dtype=np.float32)
+        grid[self.rows, self.cols] = 1.0
+        return mx.array(grid)
+
+
+def row_sums(token_logps: mx.array, rows: np.ndarray, num_rows: int) -> mx.array:
+    """Per-row sums of per-token values in a fixed order: a masked reduction, not a
+    scatter-add (whose float atomics make GPU results vary between runs)."""
+    if token_logps.size == 0:
+        return mx.zeros((num_rows,), dtype=mx.float32)
+    member = mx.array(rows[None, :] == np.arange(num_rows)[:, None])
+    return mx.where(member, token_logps[None, :], 0.0).sum(axis=1)
 
 
 def split_lm(model: nn.Module) -> tuple[Callable, Callable] | None:
@@ -107,25 +116,134 @@ def _head_logps(logits: mx.array, targets: mx.array, with_p2: bool):
 
 
 def score_hidden(
-    hidden: mx.array, head: Callable, flat: np.ndarray, targets: np.ndarray, with_p2: bool
+    hidden: mx.array, head: Callable, index: np.ndarray, targets: np.ndarray, with_p2: bool
 ) -> tuple[mx.array, mx.array | None]:
-    """Log-probs of ``targets`` at the ``flat`` positions of ``hidden`` (head in row chunks)."""
-    gather = mx.array(flat.astype(np.int32))
-    hidden = hidden.reshape(-1, hidden.shape[-1])[gather]
+    """Log-probs of ``targets`` predicted by the hidden states at flat positions ``index``
+    (the head in row chunks)."""
+    if len(index) == 0:
+        empty = mx.zeros((0,), dtype=mx.float32)
+        return empty, (empty if with_p2 else None)
+    hidden = hidden.reshape(-1, hidden.shape[-1])[mx.array(index.astype(np.int32))]
     targets = mx.array(targets)
     pieces = [
         _head_logps(
             head(hidden[i : i + HEAD_CHUNK_ROWS]), targets[i : i + HEAD_CHUNK_ROWS], with_p2
         )
-        for i in range(0, len(flat), HEAD_CHUNK_ROWS)
+        for i in range(0, len(index), HEAD_CHUNK_ROWS)
     ]
     token_logps = mx.concatenate([p[0] for p in pieces])
     return token_logps, mx.concatenate([p[1] for p in pieces]) if with_p2 else None
 
 
-def _summed(n: int, flat: np.ndarray, width: int, token_logps: mx.array) -> mx.array:
-    rows = mx.array((flat // width).astype(np.int32))
-    return mx.zeros((n,), dtype=mx.float32).at[rows].add(token_logps)
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@dataclass
+class Packed:
+    """A batch laid out as one packed row, and where each completion token is predicted."""
+
+    tokens: np.ndarray
+    segments: attention.Segments
+    index: np.ndarray
+    """Position of the hidden state that predicts each scored token (rows in batch order)."""
+    targets: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+
+
+def pack(batch: Batch, share_prompt: bool = True, multiple: int = 1) -> Packed:
+    """Lay ``batch`` out as one row: per example its prompt (once for a pair when
+    ``share_prompt``), then its completions. The row is padded at the end to a multiple
+    of ``multiple`` with a segment of its own, which no scored token sees."""
+    tokens, segment, parent, position, start = [], [], [], [], []
+    index, targets, rows, cols = [], [], [], []
+    n_rows = len(batch.lengths)
+    groups = (
+        [[i, i + batch.num_examples] for i in range(batch.num_examples)]
+        if batch.paired and share_prompt
+        else [[i] for i in range(n_rows)]
+    )
+
+    def add(ids: np.ndarray, seg: int, par: int, pos0: int) -> int:
+        at = len(tokens)
+        start.append(at)
+        tokens.extend(ids.tolist())
+        segment.extend([seg] * len(ids))
+        parent.extend([par] * len(ids))
+        position.extend(range(pos0, pos0 + len(ids)))
+        return at
+
+    for group in groups:
+        plen = int(batch.prompt_lengths[group[0]])
+        prompt_seg = len(start)
+        prompt_at = add(batch.tokens[group[0], :plen], prompt_seg, -1, 0)
+        for row in group:
+            completion = batch.tokens[row, plen : batch.lengths[row]]
+            at = add(completion, len(start), prompt_seg, plen)
+            for j, token in enumerate(completion.tolist()):
+                if plen + j == 0:
+                    continue  # no token before it predicts it
+                index.append(prompt_at + plen - 1 if j == 0 else at + j - 1)
+                targets.append(token)
+                rows.append(row)
+                cols.append(j)
+    pad = _round_up(len(tokens), multiple) - len(tokens)
+    if pad:
+        add(np.zeros(pad, dtype=np.int32), len(start), -1, 0)
+    order = np.lexsort((np.array(cols), np.array(rows)))  # row by row, as rows are numbered
+    arrays = [np.asarray(a) for a in (index, targets, rows, cols)]
+    index_, targets_, rows_, cols_ = (a[order] if len(a) else a for a in arrays)
+    segments = attention.Segments(
+        np.asarray(segment), np.asarray(parent), np.asarray(position), np.asarray(start)
+    )
+    return Packed(np.asarray(tokens, dtype=np.int32), segments, index_,
+                  targets_.astype(np.int32), rows_, cols_)  # fmt: skip
+
+
+def packed_logps(
+    model: nn.Module,
+    batch: Batch,
+    *,
+    with_p2: bool = False,
+    share_prompt: bool = True,
+    recompute_attention: bool = False,
+) -> SequenceLogps | None:
+    """Summed completion log-probs of every row of ``batch`` from one packed row, or None
+    for a model the packing hooks do not fit."""
+    split = split_lm(model)
+    if split is None or not attention.install(split[0]):
+        return None
+    body, head = split
+    packed = pack(batch, share_prompt, sequence_multiple())
+    layout = attention.PackedAttention(packed.segments, recompute=recompute_attention)
+    positions = mx.array(packed.segments.position.astype(np.int32))
+    caches = [attention.PackedContext(layout, positions) for _ in body.layers]
+    hidden = body(mx.array(packed.tokens[None]), cache=caches)
+    token_logps, p2 = score_hidden(hidden, head, packed.index, packed.targets, with_p2)
+    n = len(batch.lengths)
+    sums = row_sums(token_logps, packed.rows, n)
+    return SequenceLogps(sums, token_logps, packed.rows, packed.cols, n, p2)
+
+
+def padded_logps(model: nn.Module, batch: Batch, *, with_p2: bool = False) -> SequenceLogps:
+    """Summed completion log-probs from right-padded rows (any architecture: full logits
+    where the head cannot be split off)."""
+    tokens = batch.tokens
+    n, t = tokens.shape
+    mask = batch.completion_mask()
+    rows, positions = np.nonzero(mask)
+    flat = rows * (t - 1) + positions
+    targets = tokens[:, 1:].reshape(-1)[flat]
+    cols = np.concatenate([np.arange(k) for k in np.bincount(rows, minlength=n)]).astype(int)
+    inputs = mx.array(tokens[:, :-1])
+    split = split_lm(model)
+    if split is not None:
+        body, head = split
+        token_logps, p2 = score_hidden(body(inputs), head, flat, targets, with_p2)
+    else:  # unknown architecture: full logits, gathered before the log-softmax
+        token_logps, p2 = score_hidden(model(inputs), lambda h: h, flat, targets, with_p2)
+    return SequenceLogps(row_sums(token_logps, rows, n), token_logps, rows, cols, n, p2)
 
 
 def sequence_logps(
@@ -133,116 +251,27 @@ def sequence_logps(
     batch: Batch,
     *,
     with_p2: bool = False,
-    share_prompt: bool | str = True,
+    share_prompt: bool = True,
+    layout: str = "auto",
+    recompute_attention: bool = False,
 ) -> SequenceLogps:
     """Summed completion log-probs for every row of ``batch``.
 
-    Paired batches can run each prompt once and both completions against its cache:
-    ``share_prompt`` True does so when that touches fewer padded token slots,
-    ``"always"`` whenever possible, False never; otherwise one forward pass over the
-    concatenated rows. ``with_p2`` also returns ``log Σ_v p_v²`` per scored token (WPO).
+    ``layout``: ``packed`` (one row, no padding; ``share_prompt`` runs a pair's prompt
+    once), ``padded`` (right-padded rows), or ``auto`` (packed where the model allows).
+    ``with_p2`` also returns ``log Σ_v p_v²`` per scored token (WPO).
+    ``recompute_attention`` keeps no attention probabilities for the backward pass.
     """
-    split = split_lm(model)
-    multiple = sequence_multiple()
-    possible = (
-        PREFIX_MASKS and split is not None and batch.paired and batch.prompt_lengths.min() > 0
-    )
-    if possible and (share_prompt == "always" or (share_prompt and _sharing_pays(batch, multiple))):
-        return _shared_prompt_logps(*split, batch, with_p2, multiple)
-    if (batch.tokens.shape[1] - 1) % multiple:  # padding after every row's end changes nothing
-        width = _round_up(batch.tokens.shape[1] - 1, multiple) + 1
-        padded = np.zeros((len(batch.tokens), width), dtype=batch.tokens.dtype)
-        padded[:, : batch.tokens.shape[1]] = batch.tokens
-        batch = dataclasses.replace(batch, tokens=padded)
-    tokens = batch.tokens
-    n, t = tokens.shape
-    flat = np.flatnonzero(batch.completion_mask())
-    targets = tokens[:, 1:].reshape(-1)[flat]
-    inputs = mx.array(tokens[:, :-1])
-    if split is not None:
-        body, head = split
-        token_logps, p2 = score_hidden(body(inputs), head, flat, targets, with_p2)
-    else:  # unknown architecture: full logits, gathered before the log-softmax
-        token_logps, p2 = score_hidden(model(inputs), lambda h: h, flat, targets, with_p2)
-    return SequenceLogps(_summed(n, flat, t - 1, token_logps), token_logps, flat, (n, t - 1), p2)
-
-
-def _sharing_pays(batch: Batch, multiple: int) -> bool:
-    """Whether one prompt pass plus completions against its cache touches fewer padded
-    token slots than one pass over the concatenated rows (ragged prompts can make the
-    left-padded prompt plus right-padded completions wider than the rows themselves)."""
-    b, n = batch.num_examples, len(batch.lengths)
-    shared = b * _round_up(int(batch.prompt_lengths.max()), multiple)
-    shared += n * _round_up(int(batch.completion_lengths.max()) - 1, multiple)
-    return shared < 0.9 * n * _round_up(batch.tokens.shape[1] - 1, multiple)
-
-
-class PrefixCache:
-    """A differentiable per-layer KV cache for completions that follow a shared prompt.
-
-    Prompts are left-padded to one length: ``offset`` holds each row's true position
-    (for rotary embeddings) and the mask hides the padding, so every row computes
-    exactly what it would unpadded. Keys and values are concatenated, never written in
-    place, so gradients flow back into the prompt's pass.
-    """
-
-    def __init__(self, left_padding: mx.array):
-        self.left_padding = left_padding
-        self.offset = -left_padding
-        self.keys = self.values = None
-        self._idx = 0
-
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        if self.keys is not None:
-            keys = mx.concatenate([self.keys, keys], axis=2)
-            values = mx.concatenate([self.values, values], axis=2)
-        self.offset = self.offset + (keys.shape[2] - self._idx)
-        self.keys, self.values, self._idx = keys, values, keys.shape[2]
-        return keys, values
-
-    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None, **_):
-        return create_causal_mask(
-            n, offset=self._idx, left_padding=self.left_padding, window_size=window_size
-        )
-
-    def repeat(self, times: int) -> None:
-        """Serve ``times`` completions per prompt: rows are tiled along the batch axis."""
-        self.keys = mx.concatenate([self.keys] * times)
-        self.values = mx.concatenate([self.values] * times)
-        self.left_padding = mx.concatenate([self.left_padding] * times)
-        self.offset = mx.concatenate([self.offset] * times)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def _shared_prompt_logps(body, head, batch: Batch, with_p2: bool, multiple: int) -> SequenceLogps:
-    """Chosen and rejected completions scored against one pass over their shared prompt."""
-    b, n = batch.num_examples, len(batch.lengths)
-    plen = batch.prompt_lengths[:b]
-    width = _round_up(int(plen.max()), multiple)
-    prompts = np.zeros((b, width), dtype=np.int32)
-    for i, p in enumerate(plen):
-        prompts[i, width - p :] = batch.tokens[i, :p]
-    clen = batch.completion_lengths
-    longest = _round_up(int(clen.max()) - 1, multiple) + 1
-    completions = np.zeros((n, longest), dtype=np.int32)
-    for i in range(n):
-        start = batch.prompt_lengths[i]
-        completions[i, : clen[i]] = batch.tokens[i, start : start + clen[i]]
-    caches = [PrefixCache(mx.array(width - plen)) for _ in body.layers]
-    last = body(mx.array(prompts), cache=caches)[:, -1:, :]  # predicts each first completion token
-    hidden = mx.concatenate([last, last])
-    if longest > 1:
-        for cache in caches:
-            cache.repeat(2)
-        hidden = mx.concatenate([hidden, body(mx.array(completions[:, :-1]), cache=caches)], axis=1)
-    flat = np.flatnonzero(np.arange(longest)[None, :] < clen[:, None])
-    token_logps, p2 = score_hidden(hidden, head, flat, completions.reshape(-1)[flat], with_p2)
-    return SequenceLogps(
-        _summed(n, flat, longest, token_logps), token_logps, flat, (n, longest), p2
-    )
+    if layout != "padded":
+        out = packed_logps(
+            model, batch, with_p2=with_p2, share_prompt=share_prompt,
+            recompute_attention=recompute_attention,
+        )  # fmt: skip
+        if out is not None or layout == "packed":
+            if out is None:
+                raise ValueError(f"{type(model).__name__}: packed rows are not supported")
+            return out
+    return padded_logps(model, batch, with_p2=with_p2)
 
 
 def row_logps(seq: SequenceLogps, batch: Batch, ld_alpha: float | None = None) -> mx.array:

@@ -12,7 +12,7 @@ from mlx_lm.models.llama import Model, ModelArgs
 from mlx_pref.adapters import apply_lora
 from mlx_pref.config import LoraConfig
 from mlx_pref.data.batching import PairExample, UnpairedExample, collate
-from mlx_pref.logps import row_logps, sequence_logps
+from mlx_pref.logps import pack, row_logps, sequence_logps
 
 
 @pytest.fixture(scope="module")
@@ -48,72 +48,92 @@ def full_logits_reference(model, batch) -> np.ndarray:
     return (np.asarray(picked) * batch.completion_mask()).sum(axis=1)
 
 
-@pytest.mark.parametrize("share_prompt", [False, "always"])
-def test_sums_match_a_full_vocabulary_log_softmax(model, share_prompt):
+LAYOUTS = {
+    "padded": {"layout": "padded"},
+    "packed": {"layout": "packed"},
+    "packed, prompts not shared": {"layout": "packed", "share_prompt": False},
+    "packed, attention recomputed": {"layout": "packed", "recompute_attention": True},
+}
+
+
+@pytest.mark.parametrize("options", LAYOUTS.values(), ids=LAYOUTS)
+def test_sums_match_a_full_vocabulary_log_softmax(model, options):
     batch = collate(PAIRS)
-    ours = np.asarray(sequence_logps(model, batch, share_prompt=share_prompt).sums)
+    ours = np.asarray(sequence_logps(model, batch, **options).sums)
     np.testing.assert_allclose(ours, full_logits_reference(model, batch), rtol=1e-5, atol=1e-5)
 
 
-def test_unpaired_rows_match_too(model):
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_unpaired_rows_match_too(model, layout):
     rows = [UnpairedExample((1, 2), (3, 4, 5), True), UnpairedExample((6,), (7,), False)]
     batch = collate(rows)
     np.testing.assert_allclose(
-        np.asarray(sequence_logps(model, batch).sums),
+        np.asarray(sequence_logps(model, batch, layout=layout).sums),
         full_logits_reference(model, batch),
         atol=1e-5,
     )
 
 
-def test_prompt_sharing_gives_the_same_gradients(model):
+def test_packed_rows_give_the_padded_gradients(model):
     batch = collate(PAIRS)
     weights = mx.arange(1, 7, dtype=mx.float32)
 
-    def objective(share):
-        return lambda: (sequence_logps(model, batch, share_prompt=share).sums * weights).sum()
+    def objective(**options):
+        return lambda: (sequence_logps(model, batch, **options).sums * weights).sum()
 
-    _, plain = nn.value_and_grad(model, objective(False))()
-    _, shared = nn.value_and_grad(model, objective("always"))()
-    for (key, a), (_, b) in zip(tree_flatten(plain), tree_flatten(shared)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4, err_msg=key)
+    _, plain = nn.value_and_grad(model, objective(layout="padded"))()
+    for options in list(LAYOUTS.values())[1:]:
+        _, packed = nn.value_and_grad(model, objective(**options))()
+        for (key, a), (_, b) in zip(tree_flatten(plain), tree_flatten(packed)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=key)
 
 
-def test_wpo_log_sum_p2_and_ld_summaries_agree_across_paths(model):
+def test_wpo_log_sum_p2_and_ld_summaries_agree_across_layouts(model):
     batch = collate(PAIRS)
-    plain = sequence_logps(model, batch, with_p2=True, share_prompt=False)
-    shared = sequence_logps(model, batch, with_p2=True, share_prompt="always")
+    plain = sequence_logps(model, batch, with_p2=True, layout="padded")
+    packed = sequence_logps(model, batch, with_p2=True, layout="packed")
     np.testing.assert_allclose(
-        np.asarray(plain.token_log_sum_p2), np.asarray(shared.token_log_sum_p2), atol=1e-5
+        np.asarray(plain.token_log_sum_p2), np.asarray(packed.token_log_sum_p2), atol=1e-5
     )
     ld_plain = np.asarray(row_logps(plain, batch, 0.5))
-    ld_shared = np.asarray(row_logps(shared, batch, 0.5))
-    np.testing.assert_allclose(ld_plain, ld_shared, atol=1e-5)
+    ld_packed = np.asarray(row_logps(packed, batch, 0.5))
+    np.testing.assert_allclose(ld_plain, ld_packed, atol=1e-5)
     # LD-DPO: the shorter completion's length counts fully, the rest at ld_alpha.
-    tokens = [np.asarray(plain.token_logps)[plain.flat // plain.shape[1] == r] for r in range(6)]
+    tokens = [np.asarray(plain.token_logps)[plain.rows == r] for r in range(6)]
     pair0 = (tokens[0][:2].sum() + 0.5 * tokens[0][2:].sum(), tokens[3][:2].sum())
     np.testing.assert_allclose([ld_plain[0], ld_plain[3]], pair0, atol=1e-5)
 
 
-@pytest.mark.parametrize("share_prompt", [False, "always"])
-def test_cuda_padding_to_multiples_of_128_changes_nothing(model, monkeypatch, share_prompt):
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+def test_cuda_padding_to_multiples_of_128_changes_nothing(model, monkeypatch, layout):
     batch = collate(PAIRS)
-    plain = np.asarray(sequence_logps(model, batch, share_prompt=share_prompt).sums)
+    plain = np.asarray(sequence_logps(model, batch, layout=layout).sums)
     monkeypatch.setattr("mlx_pref.logps.sequence_multiple", lambda: 128)
-    padded = sequence_logps(model, batch, share_prompt=share_prompt)
+    padded = sequence_logps(model, batch, layout=layout)
     np.testing.assert_allclose(np.asarray(padded.sums), plain, atol=1e-5)
 
 
-def test_sharing_is_used_only_where_it_saves_padded_slots():
-    from mlx_pref.logps import _sharing_pays
+def test_packing_leaves_no_padding_and_runs_each_prompt_once():
+    batch = collate(PAIRS)
+    packed = pack(batch)
+    prompts = sum(len(p.prompt) for p in PAIRS)
+    completions = sum(len(p.chosen) + len(p.rejected) for p in PAIRS)
+    assert len(packed.tokens) == prompts + completions
+    assert len(pack(batch, share_prompt=False).tokens) == 2 * prompts + completions
+    # Every completion token is scored, from the hidden state just before it.
+    assert len(packed.index) == batch.num_completion_tokens
 
-    # Long shared prompts, short completions: one prompt pass is far cheaper.
-    long_prompts = collate([PairExample(tuple(range(1, 41)), (41, 42), (43,)) for _ in range(4)])
-    assert _sharing_pays(long_prompts, 1)
-    # Ragged: a long prompt with a short answer beside a short prompt with a long answer.
-    ragged = collate(
-        [
-            PairExample(tuple(range(1, 41)), (41,), (42,)),
-            PairExample((1,), tuple(range(2, 42)), (3,)),
-        ]
-    )
-    assert not _sharing_pays(ragged, 1)
+
+def test_row_sums_are_a_fixed_order_reduction(model, tmp_path):
+    """Two runs give bit-identical sums and gradients, and the sums' graph holds no
+    scatter-add (whose float atomics reorder additions on a GPU)."""
+    batch = collate(PAIRS)
+    runs = []
+    for _ in range(2):
+        value, grads = nn.value_and_grad(model, lambda: sequence_logps(model, batch).sums.sum())()
+        runs.append((np.asarray(value), [np.asarray(g) for _, g in tree_flatten(grads)]))
+    assert runs[0][0].tobytes() == runs[1][0].tobytes()
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(runs[0][1], runs[1][1]))
+    seq = sequence_logps(model, batch)
+    mx.export_to_dot(str(tmp_path / "sums.dot"), seq.sums)
+    assert "Scatter" not in (tmp_path / "sums.dot").read_text()

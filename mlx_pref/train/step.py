@@ -109,10 +109,8 @@ def batch_context(obj: Objective, batch: Batch, split: str, dataset: Dataset) ->
 def forward(obj: Objective, batch: Batch, ctx: BatchContext, *, train: bool):
     """Loss and per-batch metrics for one batch under the current policy."""
     cfg = obj.config
-    # The prefix cache must not be replayed by a checkpointed backward pass.
-    share = cfg.share_prompt and not cfg.grad_checkpoint
     with_p2 = "policy_weights" in obj.inputs
-    seq = sequence_logps(obj.model, batch, with_p2=with_p2, share_prompt=share)
+    seq = sequence_logps(obj.model, batch, with_p2=with_p2, share_prompt=cfg.share_prompt)
     logps = row_logps(seq, batch, cfg.ld_alpha)
     chosen_idx = mx.array(np.flatnonzero(batch.labels))
     rejected_idx = mx.array(np.flatnonzero(~batch.labels))
