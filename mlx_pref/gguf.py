@@ -94,15 +94,27 @@ def read_gguf_header(path: str | Path) -> tuple[dict[str, Any], dict[str, dict]]
     byte offset}``. Read here rather than through ``mx.load`` so that unsupported types
     are reported by name before MLX converts or rejects them.
     """
+    return _guarded_parse(path, None)
+
+
+def read_gguf_typed_metadata(path: str | Path) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """The metadata of a GGUF file, and the value type of each key with, for arrays, the
+    type of its elements (numbers of ``gguf.GGUFValueType``): enough to copy it unchanged."""
+    types: dict[str, tuple[int, int | None]] = {}
+    meta = _guarded_parse(path, types)[0]
+    return meta, types
+
+
+def _guarded_parse(path: str | Path, types: dict | None) -> tuple[dict, dict]:
     try:
-        return _parse_header(path)
+        return _parse_header(path, types)
     except (struct.error, ValueError, OverflowError, UnicodeDecodeError, MemoryError) as exc:
         if isinstance(exc, GGUFError):
             raise
         raise GGUFError(f"{path}: truncated or damaged GGUF file ({exc})") from None
 
 
-def _parse_header(path: str | Path) -> tuple[dict[str, Any], dict[str, dict]]:
+def _parse_header(path: str | Path, types: dict | None = None) -> tuple[dict, dict]:
     if Path(path).stat().st_size < 24:
         raise GGUFError(f"{path}: not a GGUF file (only {Path(path).stat().st_size} bytes)")
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -117,6 +129,9 @@ def _parse_header(path: str | Path) -> tuple[dict[str, Any], dict[str, dict]]:
         for _ in range(n_kv):
             key, pos = _read_string(buf, pos)
             (vtype,) = struct.unpack_from("<I", buf, pos)
+            if types is not None:
+                etype = struct.unpack_from("<I", buf, pos + 4)[0] if vtype == 9 else None
+                types[key] = (vtype, etype)
             meta[key], pos = _read_value(buf, pos + 4, vtype)
         tensors = {}
         for _ in range(n_tensors):
@@ -234,6 +249,21 @@ def _hf_name(name: str) -> str:
     elif base in _TOP_NAMES:
         return f"{_TOP_NAMES[base]}.{suffix}"
     raise GGUFError(f"tensor {name!r} has no place in a llama model")
+
+
+def gguf_tensor_name(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj.weight`` -> ``blk.3.attn_q.weight`` (llama.cpp's
+    name for a Hugging Face llama tensor; the inverse of ``_hf_name``)."""
+    module, _, suffix = name.rpartition(".")
+    if module.startswith("model.layers."):
+        index, _, part = module.removeprefix("model.layers.").partition(".")
+        for gguf_part, hf_part in _LAYER_NAMES.items():
+            if part == hf_part and index.isdigit():
+                return f"blk.{index}.{gguf_part}.{suffix}"
+    for gguf_part, hf_part in _TOP_NAMES.items():
+        if module == hf_part:
+            return f"{gguf_part}.{suffix}"
+    raise GGUFError(f"tensor {name!r} has no place in a llama GGUF")
 
 
 def hf_tensor_names(path: str | Path) -> set[str]:

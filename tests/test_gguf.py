@@ -255,9 +255,12 @@ GGUF_NAMES = {
 }
 
 
-def write_tiny_gguf(path: Path, weights: dict, qtype: str = "F32", arch: str = "llama") -> Path:
-    """A one-layer llama GGUF with a 64-token byte-level vocabulary; matrices stored as
-    ``qtype`` (via the gguf package's own quantizers), norms as F32."""
+def write_tiny_gguf(
+    path: Path, weights: dict, qtype: str = "F32", arch: str = "llama", spm: bool = False
+) -> Path:
+    """A one-layer llama GGUF with a 64-token byte-level vocabulary (``spm``: the
+    SentencePiece one of ``add_spm_vocab``; give ``embed_tokens`` as many rows); matrices
+    stored as ``qtype`` (via the gguf package's own quantizers), norms as F32."""
     gguf = pytest.importorskip("gguf")
     from gguf.quants import quantize
 
@@ -271,14 +274,17 @@ def write_tiny_gguf(path: Path, weights: dict, qtype: str = "F32", arch: str = "
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(50000.0)
     writer.add_layer_norm_rms_eps(1e-6)
-    tokens = ["<|endoftext|>", "a", "b", "ab"] + [chr(0x41 + i) for i in range(26)]
-    tokens += [f"<tok{i}>" for i in range(64 - len(tokens))]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([3] + [1] * 63)
-    writer.add_token_merges(["a b"])
-    writer.add_eos_token_id(0)
+    if spm:
+        add_spm_vocab(writer)
+    else:
+        tokens = ["<|endoftext|>", "a", "b", "ab"] + [chr(0x41 + i) for i in range(26)]
+        tokens += [f"<tok{i}>" for i in range(64 - len(tokens))]
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("default")
+        writer.add_token_list(tokens)
+        writer.add_token_types([3] + [1] * 63)
+        writer.add_token_merges(["a b"])
+        writer.add_eos_token_id(0)
     for name, w in weights.items():
         if name == "q_proj":
             w = _permute(w, HEADS)
@@ -375,14 +381,13 @@ def test_not_a_gguf(tmp_path):
         G.load_gguf(path)
 
 
-def write_spm_gguf(path: Path) -> Path:
-    """A SentencePiece-style ("llama") vocabulary: scores, byte fallback, no merges."""
-    gguf = pytest.importorskip("gguf")
+def add_spm_vocab(writer) -> int:
+    """A SentencePiece-style ("llama") vocabulary: scores, byte fallback, no merges.
+    Returns its size."""
     pieces = ["\u2581", "h", "e", "l", "o", "w", "r", "d", "\u2581h", "ll", "llo", "\u2581he"]
     pieces += ["\u2581hello", "\u2581w", "or", "\u2581wor", "ld", "\u2581world", "\u2581t", "he"]
     pieces += ["\u2581the", "\u00e9", "\u2581\u2581", "ello", "lo"]
     tokens = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)), *pieces, "<|user|>"]
-    writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
     writer.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0])
@@ -390,7 +395,15 @@ def write_spm_gguf(path: Path) -> Path:
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
-    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 4), np.float32))
+    return len(tokens)
+
+
+def write_spm_gguf(path: Path) -> Path:
+    """A SentencePiece vocabulary and an embedding: enough for the tokenizer tests."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(str(path), "llama")
+    size = add_spm_vocab(writer)
+    writer.add_tensor("token_embd.weight", np.zeros((size, 4), np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

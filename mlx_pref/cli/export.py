@@ -1,11 +1,12 @@
-"""``mlx-pref export``: a run's adapter for mlx-lm, PEFT/transformers, or a fused model."""
+"""``mlx-pref export``: a run's adapter for mlx-lm, PEFT/transformers or llama.cpp, or a
+fused model (safetensors or GGUF)."""
 
 from __future__ import annotations
 
 import click
 
 from mlx_pref.cli.app import cli
-from mlx_pref.config import EXPORT_FORMATS
+from mlx_pref.config import EXPORT_FORMATS, GGUF_QUANTS
 
 
 @cli.command()
@@ -16,7 +17,13 @@ from mlx_pref.config import EXPORT_FORMATS
     type=click.Choice(EXPORT_FORMATS),
     default="mlx",
     show_default=True,
-    help="mlx: mlx-lm adapter; peft: PEFT adapter for transformers; fused: merged model.",
+    help="mlx: mlx-lm adapter; peft: PEFT adapter for transformers; fused: merged model; "
+    "gguf: merged model as one GGUF file (llama.cpp, Ollama); gguf-lora: llama.cpp LoRA adapter.",
+)
+@click.option(
+    "--quant",
+    type=click.Choice(GGUF_QUANTS),
+    help=f"gguf: the type of the weight matrices (default {GGUF_QUANTS[0]}; norms stay F32).",
 )
 @click.option(
     "--output",
@@ -38,9 +45,10 @@ from mlx_pref.config import EXPORT_FORMATS
     "--dry-run", is_flag=True, help="List what --push-to-hub would upload; upload nothing."
 )
 def export(
-    run_dir, fmt, output, dequantize, base_model, overwrite, repo_id, private, dry_run
+    run_dir, fmt, quant, output, dequantize, base_model, overwrite, repo_id, private, dry_run
 ) -> None:
-    """Export a run's adapter for mlx-lm, PEFT/transformers, or as a fused model.
+    """Export a run's adapter for mlx-lm, PEFT/transformers, llama.cpp, or as a fused model
+    (safetensors or GGUF).
 
     RUN_DIR is a finished run directory (or one of its checkpoints/step-N directories).
     The Hub token comes from `hf auth login` or HF_TOKEN and is never shown.
@@ -51,6 +59,8 @@ def export(
         raise click.UsageError("--private and --dry-run go with --push-to-hub REPO_ID")
     if dequantize and fmt != "fused":
         raise click.UsageError("--dequantize goes with --format fused")
+    if quant and fmt != "gguf":
+        raise click.UsageError("--quant goes with --format gguf")
     if repo_id:
         validate_repo_id(repo_id)
     folder = export_run(
@@ -61,6 +71,7 @@ def export(
         base=base_model,
         repo_id=repo_id,
         overwrite=overwrite,
+        quant=quant,
     )
     files = upload_files(folder)
     click.echo(f"exported {fmt} to {folder} ({len(files)} files, {sum(s for _, s in files)} bytes)")

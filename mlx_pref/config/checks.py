@@ -27,8 +27,10 @@ TRUNCATION_MODES = ("keep_end", "keep_start")
 DATA_FORMATS = ("auto", "paired", "implicit", "conversational", "unpaired")
 REFERENCES = ("auto", "cache", "adapters-off", "model", "none")
 DTYPES = ("float32", "bfloat16", "float16")
-EXPORT_FORMATS = ("mlx", "peft", "fused")
+EXPORT_FORMATS = ("mlx", "peft", "fused", "gguf", "gguf-lora")
 """What ``mlx-pref export --format`` writes (``mlx_pref.export``)."""
+GGUF_QUANTS = ("f16", "q8_0", "q4_0", "f32")
+"""``mlx-pref export --format gguf --quant``: the GGUF type of the matrices (first: default)."""
 
 
 def _choice(key: str, value: Any, choices: tuple) -> None:

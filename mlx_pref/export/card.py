@@ -2,13 +2,15 @@
 
 YAML front matter the Hub reads (base model, library, tags, license), then what a reader
 needs: the base model, the loss and its parameters, the data, the final evaluation
-metrics, and how to load the export with mlx-lm, PEFT or transformers. Built only from
-the run's files; data files appear by name, never by their local directory.
+metrics, and how to load the export with mlx-lm, PEFT, transformers, llama.cpp or
+Ollama. Built only from the run's files; data files appear by name, never by their
+local directory.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,8 +82,8 @@ def tags(config: Config, dora: bool, library: str) -> list[str]:
     out.append("lora")
     if dora:
         out.append("dora")
-    if library == "mlx":
-        out.append("mlx")
+    if library in ("mlx", "gguf"):
+        out.append(library)
     return out
 
 
@@ -222,8 +224,34 @@ def _location_expr(location: str, hub: bool) -> tuple[str, list[str]]:
     return f'"{location}"', []
 
 
-def usage(base: BaseModel, fmt: str, library: str, location: str, on_hub: bool) -> list[str]:
+def gguf_usage(base: BaseModel, fmt: str, location: str, on_hub: bool, artifact: str) -> list[str]:
+    """llama.cpp and Ollama commands for the two GGUF exports."""
+    folder = location.rsplit("/", 1)[-1] if on_hub else location
+    name = re.sub(r"[^a-z0-9._-]+", "-", Path(folder).name.lower()).strip("-.") or "mlx-pref"
+    fetch = [f"hf download {location} --local-dir {folder}"] if on_hub else []
+    file = f'"{folder}/{artifact}"'
+    model = f'"{base.spec}"' if fmt == "gguf-lora" and base.gguf else "BASE.gguf"
+    flags = f"-m {file}" if fmt == "gguf" else f"-m {model} --lora {file}"
+    commands = [*fetch, f"llama-cli {flags}", f"llama-server {flags}  # OpenAI-compatible, :8080"]
+    out = ["## Use with llama.cpp", "", "```bash", *commands, "```"]
+    if fmt == "gguf-lora" and not base.gguf:
+        out += [
+            "",
+            f"`BASE.gguf` is a GGUF of {base.name} as llama.cpp's `convert_hf_to_gguf.py` "
+            "writes it, in any quantization.",
+        ]
+    if fmt == "gguf" or base.gguf:
+        ollama = [f'cd "{folder}"', f"ollama create {name} -f Modelfile", f"ollama run {name}"]
+        out += ["", "## Use with Ollama", "", "```bash", *ollama, "```"]
+    return out
+
+
+def usage(
+    base: BaseModel, fmt: str, library: str, location: str, on_hub: bool, artifact: str = ""
+) -> list[str]:
     """How to load the export: code a reader can paste."""
+    if fmt in ("gguf", "gguf-lora"):
+        return gguf_usage(base, fmt, location, on_hub, artifact)
     base_code, base_imports = _base_expr(base)
     if fmt == "mlx" and base.gguf and not base.hub_id:  # mlx_lm.load reads no GGUF files
         where, imports = _location_expr(location, on_hub)
@@ -290,9 +318,11 @@ def model_card(
     output: Path,
     repo_id: str | None,
     notes: list[str],
+    artifact: str = "",
 ) -> str:
     """The README.md of an export in format ``fmt``, written to ``output`` and, when
-    ``repo_id`` is given, pushed there (the loading snippets then name the repo)."""
+    ``repo_id`` is given, pushed there (the loading snippets then name the repo);
+    ``artifact`` is the GGUF file of a GGUF export."""
     on_hub = repo_id is not None
     location = repo_id or str(output)
     losses = " + ".join(LOSS_TAGS.get(n, n) for n in configured_losses(run.config))
@@ -301,6 +331,8 @@ def model_card(
         "mlx": f"A {kind} adapter for **{base.name}** in mlx-lm's format",
         "peft": f"A {kind} adapter for **{base.name}** in PEFT's format",
         "fused": f"**{base.name}** with a {kind} adapter merged into its weights",
+        "gguf": f"**{base.name}** with a {kind} adapter merged into its weights, as GGUF",
+        "gguf-lora": f"A {kind} adapter for **{base.name}** as a llama.cpp GGUF adapter",
     }[fmt]
     checkpoint = f", at step {run.step}" if run.step is not None else ""
     title = location.rsplit("/", 1)[-1] if on_hub else output.name
@@ -322,7 +354,7 @@ def model_card(
         "",
         *results(run),
         "",
-        *usage(base, fmt, library, location, on_hub),
+        *usage(base, fmt, library, location, on_hub, artifact),
     ]
     if notes:
         lines += ["", "## Notes", "", *[f"- {note}" for note in notes]]

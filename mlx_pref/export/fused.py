@@ -15,7 +15,7 @@ from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
 
 from mlx_pref.export.card import model_card
 from mlx_pref.export.run import CARD_FILE, BaseModel, Destination, ExportError, Run, write_json
-from mlx_pref.models import load_model
+from mlx_pref.models import LoadedModel, load_model
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -32,10 +32,11 @@ TOKENIZER_FILES = (
 GENERATION_CONFIG = "generation_config.json"
 
 
-def write_fused(run: Run, base: BaseModel, out: Path, dest: Destination, dequantize: bool) -> None:
-    """The base with the adapter merged (mlx-lm's ``fuse``), in the Hugging Face layout."""
+def fused_model(run: Run, base: BaseModel, dequantize: bool) -> LoadedModel:
+    """The run's base as training loaded it, with the adapter merged by mlx-lm's
+    ``fuse()``; with ``dequantize``, every weight in float."""
     from mlx_lm.tuner.utils import load_adapters
-    from mlx_lm.utils import dequantize_model, make_shards
+    from mlx_lm.utils import dequantize_model
 
     cfg = run.config
     loaded = load_model(
@@ -57,8 +58,16 @@ def write_fused(run: Run, base: BaseModel, out: Path, dest: Destination, dequant
         )
     ]
     model.update_modules(tree_unflatten(fused))
-    if dequantize:
-        model = dequantize_model(model)
+    loaded.model = dequantize_model(model) if dequantize else model
+    return loaded
+
+
+def write_fused(run: Run, base: BaseModel, out: Path, dest: Destination, dequantize: bool) -> None:
+    """The base with the adapter merged (mlx-lm's ``fuse``), in the Hugging Face layout."""
+    from mlx_lm.utils import make_shards
+
+    loaded = fused_model(run, base, dequantize)
+    model = loaded.model
     weights = dict(tree_flatten(model.parameters()))
     quantization = _quantization(model)
     if base.gguf and quantization is not None:  # a GGUF's per-tensor bits, as loaded

@@ -62,7 +62,9 @@ def adapter_layout(base: BaseModel, adapter_config: dict) -> AdapterLayout:
     return AdapterLayout(modules, base_modules, PEFT_TIED_HEAD not in base_modules)
 
 
-def _check_weights(modules: dict[str, nn.Module], weights: dict[str, mx.array], dora: bool) -> None:
+def check_adapter_weights(
+    modules: dict[str, nn.Module], weights: dict[str, mx.array], dora: bool
+) -> None:
     """Every saved tensor belongs to an adapter layer, and every layer has its tensors."""
     leaves = ("lora_a", "lora_b", "m") if dora else ("lora_a", "lora_b")
     expected = {f"{path}.{leaf}" for path in modules for leaf in leaves}
@@ -177,7 +179,7 @@ def write_peft(run: Run, base: BaseModel, out: Path, dest: Destination, dequanti
     weights = mx.load(str(run.adapter_dir / ADAPTER_FILE))
     layout = adapter_layout(base, run.adapter_config)
     modules = layout.modules
-    _check_weights(modules, weights, run.dora)
+    check_adapter_weights(modules, weights, run.dora)
     keys = base.weight_names()
     renamed = sorted(p for p in modules if f"{p}.weight" not in keys)
     if renamed:

@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from mlx_pref.checkpoint import CHECKPOINTS
-from mlx_pref.config import EXPORT_FORMATS
+from mlx_pref.config import EXPORT_FORMATS, GGUF_QUANTS
 from mlx_pref.export.fused import write_fused
+from mlx_pref.export.gguf_lora import write_gguf_lora
+from mlx_pref.export.gguf_model import write_gguf
 from mlx_pref.export.hub import push_to_hub, validate_repo_id
 from mlx_pref.export.mlx import write_mlx
 from mlx_pref.export.peft import write_peft
@@ -41,11 +44,14 @@ def export_run(
     base: str | None = None,
     repo_id: str | None = None,
     overwrite: bool = False,
+    quant: str | None = None,
 ) -> Path:
-    """Write the run's adapter as ``fmt`` (mlx, peft or fused) into ``output``; returns it.
+    """Write the run's adapter as ``fmt`` (mlx, peft, fused, gguf or gguf-lora) into
+    ``output``; returns it.
 
     ``base`` records the base model's Hub id where the run used a local copy; ``repo_id``
-    is where the export will be pushed (used in the model card's loading snippets).
+    is where the export will be pushed (used in the model card's loading snippets);
+    ``quant`` is the GGUF type of the matrices of a ``gguf`` export (default f16).
     The folder is assembled next to ``output`` and renamed into place, so a failed export
     leaves nothing half-written.
     """
@@ -53,6 +59,10 @@ def export_run(
         raise ExportError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     if dequantize and fmt != "fused":
         raise ExportError("--dequantize applies to --format fused only")
+    if quant is not None and fmt != "gguf":
+        raise ExportError("--quant applies to --format gguf only")
+    if quant is not None and quant not in GGUF_QUANTS:
+        raise ExportError(f"--quant {quant!r}: choose one of {', '.join(GGUF_QUANTS)}")
     if base is not None:
         validate_repo_id(base, "--base-model")
     run = read_run(run_dir)
@@ -61,7 +71,13 @@ def export_run(
     info = identify_base(run.config, base)
     # An adapter trained on dequantized weights is fused into dequantized weights.
     dequantize = dequantize or (fmt == "fused" and run.config.dequantize)
-    writer = {"mlx": write_mlx, "peft": write_peft, "fused": write_fused}[fmt]
+    writer = {
+        "mlx": write_mlx,
+        "peft": write_peft,
+        "fused": write_fused,
+        "gguf": partial(write_gguf, quant=quant or GGUF_QUANTS[0]),
+        "gguf-lora": write_gguf_lora,
+    }[fmt]
     return _write_folder(
         output,
         lambda tmp: writer(run, info, tmp, Destination(output, repo_id), dequantize),
