@@ -69,6 +69,10 @@ class Config:
     eval_data: str | None = None
     eval_split: float = 0.0
     format: str = "auto"
+    columns: dict[str, str] | None = None
+    """Fields read from other columns: ``{prompt: question, completion: output}``."""
+    system_prompt: str | None = None
+    """System message for rows without one (rendered with the chat template)."""
     max_length: int = 512
     max_prompt_length: int | None = None
     max_completion_length: int | None = None
