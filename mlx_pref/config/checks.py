@@ -130,6 +130,10 @@ def check_optimisation(cfg) -> None:
         raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.warmup_steps < 0:
         raise ConfigError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.warmup_ratio and cfg.warmup_steps:
+        raise ConfigError("warmup_steps and warmup_ratio exclude each other: set one")
     if cfg.weight_decay < 0:
         raise ConfigError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
     if cfg.max_grad_norm is not None:

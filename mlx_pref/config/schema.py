@@ -119,6 +119,8 @@ class Config:
     learning_rate: float = 1e-4
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the run's optimizer steps (rounded up), instead of warmup_steps."""
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     seed: int = 0
