@@ -60,9 +60,11 @@ class Config:
     """Start from this (SFT) adapter directory; the reference is base + it, frozen."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: str | None = None
-    """Quantize a float base to 4bit or 8bit for QLoRA."""
-    dequantize: bool = False
-    """Train on float weights from an already-quantized base (a GGUF, an MLX 4-bit model)."""
+    """Quantize a float base to 4bit or 8bit for QLoRA (on the CPU only with dequantize: false)."""
+    dequantize: bool | None = None
+    """Train on float weights from an already-quantized base (a GGUF, an MLX 4-bit model).
+    None: decided by the backend (``models.resolve_quantization``): float on the CPU, where
+    quantized matmuls are slow, when the float copy fits in memory; quantized elsewhere."""
     dtype: str | None = None
     # data
     data: str | None = None

@@ -9,6 +9,7 @@ non-finite steps. ``Trainer.resume`` continues a run from its last intact checkp
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from pathlib import Path
@@ -73,6 +74,11 @@ class Trainer:
             cfg.model, quantization_bits=cfg.quantization_bits, dtype=cfg.dtype,
             dequantize=cfg.dequantize,
         )  # fmt: skip
+        # What was chosen for the base, recorded so that a resume and exports agree with it.
+        quantization = cfg.quantization if self.loaded.quantization_bits else None
+        self.config = cfg = dataclasses.replace(
+            cfg, dequantize=self.loaded.dequantized, quantization=quantization
+        )
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         backend.set_wired_limit()  # Metal: keep the weights resident between steps
         for note in self.loaded.notes:
