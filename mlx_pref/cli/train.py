@@ -159,6 +159,8 @@ def cache_ref(config, **flags) -> None:
         cfg.model, quantization_bits=cfg.quantization_bits, dtype=cfg.dtype,
         dequantize=cfg.dequantize,
     )  # fmt: skip
+    for note in [*cfg.notes, *loaded.notes]:
+        click.echo(note)
     _, sft_weights = attach_adapters(loaded.model, cfg.lora, cfg.adapter)
     train_set, eval_set = load_datasets(cfg, loaded.tokenizer)
     reference = make_reference(cfg, loaded, sft_weights=sft_weights, log=click.echo)

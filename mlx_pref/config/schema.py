@@ -150,6 +150,9 @@ class Config:
     push_to_hub: str | None = None
     """At the end of training, export the adapter (mlx-lm format + model card) and upload it."""
     hub_private: bool = False
+    notes: list[str] = field(default_factory=list, compare=False, repr=False)
+    """What reading the config did that the user should hear (foreign names mapped); not
+    a setting: never saved, never compared."""
 
     def validate(self) -> Config:
         """Choice, range and loss-option checks (``checks.validate``); returns itself."""
@@ -163,6 +166,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain values; loss parameters sit at the top level, as users write them."""
         out = dataclasses.asdict(self)
+        out.pop("notes")
         out.update(out.pop("loss_params"))
         return out
 

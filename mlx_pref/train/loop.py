@@ -81,7 +81,7 @@ class Trainer:
         )
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         backend.set_wired_limit()  # Metal: keep the weights resident between steps
-        for note in self.loaded.notes:
+        for note in [*cfg.notes, *self.loaded.notes]:  # foreign names read, the base's dtype
             self.log(note)
         self.adapter_config, sft_weights = attach_adapters(self.model, cfg.lora, cfg.adapter)
         if cfg.grad_checkpoint:
