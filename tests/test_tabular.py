@@ -414,3 +414,40 @@ def test_hub_falls_back_to_the_parquet_conversion(hub, tok):
         DataError, match=r"parquet conversion has no split 'test', only train, valid"
     ):
         resolve_files("Intel/orca_dpo_pairs:test")
+
+
+def test_online_the_file_list_is_read_first_and_only_the_split_is_fetched(tmp_path, monkeypatch):
+    import mlx_pref.data.hub as hub
+
+    root = tmp_path / "snapshot"
+    main = [
+        "README.md",
+        *(f"data/{s}-00000-of-00001.parquet" for s in ("train_prefs", "test_prefs")),
+    ]
+    converted = [
+        "default/train/0000.parquet",
+        "default/test/0000.parquet",
+        "default/test/0001.parquet",
+    ]
+    for name in main[1:] + converted:
+        write_parquet(root / name, rows_of(2, intel_orca))
+    listing = {"org/parquet": main, "org/script": ["README.md", "loader.py", "data.tar.gz"]}
+    fetched = []
+    monkeypatch.setattr(
+        hub, "list_files", lambda repo, revision=None: converted if revision else listing[repo]
+    )
+    monkeypatch.setattr(
+        hub,
+        "download_dataset",
+        lambda repo, patterns, revision=None: fetched.append((patterns, revision)) or root,
+    )
+    (f,) = resolve_files("org/parquet:test_prefs")
+    assert fetched == [(["data/test_prefs-00000-of-00001.parquet"], None)]
+    assert f.path == root / "data/test_prefs-00000-of-00001.parquet"
+    fetched.clear()
+    files = resolve_files("hf://org/script:test")
+    assert fetched == [(["default/test/0000.parquet", "default/test/0001.parquet"], hub.CONVERTED)]
+    assert [f.name for f in files] == [
+        "hf://org/script@refs/convert/parquet/default/test/0000.parquet",
+        "hf://org/script@refs/convert/parquet/default/test/0001.parquet",
+    ]

@@ -116,7 +116,7 @@ class Trainer:
             reference, supplied_inputs(cfg.loss, vars(cfg)), beta=cfg.beta,
         )  # fmt: skip
         if cfg.bco_udm:
-            self.objective.udm = UDM(cfg, self.model, self.train_set, self.log)
+            self.objective.udm = UDM(cfg, self.model, self.train_set, self.log, self.verbose)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.optimizer = optim.AdamW(
             learning_rate=lr_schedule(cfg, self.total_steps), weight_decay=cfg.weight_decay
