@@ -451,3 +451,22 @@ def test_online_the_file_list_is_read_first_and_only_the_split_is_fetched(tmp_pa
         "hf://org/script@refs/convert/parquet/default/test/0000.parquet",
         "hf://org/script@refs/convert/parquet/default/test/0001.parquet",
     ]
+
+
+def test_cli_data_check_shows_the_columns_it_used(tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_pref.cli import cli
+
+    rows = [{"q": QUESTIONS[i], "good": GOOD[i], "bad": BAD[i]} for i in range(4)]
+    path = write_parquet(tmp_path / "mapped.parquet", rows)
+    args = ["data", "check", str(path), "--column", "prompt=q", "--column", "chosen=good"]
+    result = CliRunner().invoke(cli, [*args, "--column", "rejected=bad", "--system-prompt", "Hi."])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1] == f"  {path}: 4 rows, format paired (detected from line 1)"
+    assert lines[2] == "    columns: prompt <- q, chosen <- good, rejected <- bad"
+    assert lines[3] == "system prompt (rows without one): 'Hi.'"
+    assert "kept: 4 pairs" in result.output
+    bad = CliRunner().invoke(cli, ["data", "check", str(path), "--column", "prompt"])
+    assert bad.exit_code != 0 and "--column takes FIELD=COLUMN" in bad.output
