@@ -267,3 +267,24 @@ def test_init_from_writes_the_equivalent_config(tmp_path):
     assert again.exit_code != 0 and "exists; pass --force" in str(again.exception)
     both = runner.invoke(cli, ["init", "--from", source, "--template", "kto"])
     assert both.exit_code != 0 and "exclude each other" in both.output
+
+
+def test_keys_read_together_with_another_are_not_listed_as_ignored():
+    raw = {
+        "dataset_name": "org/ds",
+        "dataset_train_split": "train_prefs",
+        "dataset_test_split": "test_prefs",
+        "eval_strategy": "steps",
+        "eval_steps": 5,
+    }
+    cfg = config_from_dict(raw)
+    assert (cfg.data, cfg.eval_data, cfg.eval_every) == (
+        "hf://org/ds:train_prefs",
+        "hf://org/ds:test_prefs",
+        5,
+    )
+    assert "ignored" not in cfg.notes[0]
+    cfg = config_from_dict({**raw, "eval_strategy": "no"})
+    assert cfg.eval_data is None and cfg.notes[0].endswith(
+        "ignored (no effect here): dataset_test_split, eval_steps, eval_strategy no"
+    )

@@ -32,6 +32,8 @@ class Translation:
     mapped: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    consumed: set[str] = field(default_factory=set)
+    """Foreign keys read by another key's rule (``eval_steps`` with ``eval_strategy``)."""
 
     def set(self, key: str, value: Any, how: str) -> None:
         """Set one of our keys; ``how`` says where it came from (``a -> b``)."""
@@ -140,6 +142,7 @@ def eval_strategy(value: Any, raw: dict, t: Translation) -> None:
     if value in ("no", None):
         t.ignored.append(f"eval_strategy {value}")
     elif value == "steps":
+        t.consumed |= {"eval_steps", "dataset_test_split"}
         every = raw.get("eval_steps") or raw.get("logging_steps")
         if every:
             t.set("eval_every", every, "eval_steps -> eval_every")
@@ -202,6 +205,7 @@ def revision(value: Any, raw: dict, t: Translation) -> None:
 
 
 def dataset(value: Any, raw: dict, t: Translation) -> None:
+    t.consumed.add("dataset_train_split")
     spec = f"hf://{value}"
     if raw.get("dataset_config"):
         spec += f"/{raw['dataset_config']}"
@@ -219,6 +223,7 @@ def push(value: Any, raw: dict, t: Translation) -> None:
     if isinstance(value, str):  # mlx-pref's own push_to_hub: a repo id
         t.out["push_to_hub"] = value
     elif value and raw.get("hub_model_id"):
+        t.consumed.add("hub_model_id")
         t.set("push_to_hub", raw["hub_model_id"], "push_to_hub + hub_model_id -> push_to_hub")
     elif value:
         t.problems.append("push_to_hub true needs hub_model_id (the repo to push to)")

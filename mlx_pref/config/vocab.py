@@ -102,8 +102,6 @@ def translate_trl(raw: dict[str, Any], ours: set[str]) -> Translation:
             t.set(TRL_RENAMED[key], value, f"{key} -> {TRL_RENAMED[key]}")
         elif key in TRL_NO_COUNTERPART:
             t.problems.append(f"{key} has no counterpart ({TRL_NO_COUNTERPART[key]})")
-        elif key in TRL_IGNORED:
-            t.ignored.append(key)
     lora_dropout_off = raw.get("disable_dropout", True) is not False
     for key, name in TRL_LORA.items():
         if key in raw and raw.get("use_peft", True) is not False:
@@ -113,6 +111,7 @@ def translate_trl(raw: dict[str, Any], ours: set[str]) -> Translation:
             t.lora(name, raw[key], f"{key} -> lora.{name}")
     _trl_values(raw, t)
     trl_loss(raw, t)
+    t.ignored[:0] = [k for k in raw if k in TRL_IGNORED and k not in t.consumed]
     return t
 
 
