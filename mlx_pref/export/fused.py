@@ -42,7 +42,7 @@ def write_fused(run: Run, base: BaseModel, out: Path, dest: Destination, dequant
         cfg.model,
         quantization_bits=cfg.quantization_bits,
         dtype=cfg.dtype,
-        dequantize=dequantize and base.gguf,
+        dequantize=bool(dequantize and base.gguf),
     )
     model = loaded.model
     try:
