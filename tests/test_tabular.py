@@ -470,3 +470,30 @@ def test_cli_data_check_shows_the_columns_it_used(tmp_path):
     assert "kept: 4 pairs" in result.output
     bad = CliRunner().invoke(cli, ["data", "check", str(path), "--column", "prompt"])
     assert bad.exit_code != 0 and "--column takes FIELD=COLUMN" in bad.output
+
+
+def test_without_a_network_the_cache_answers(monkeypatch):
+    from unittest import mock
+
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    import mlx_pref.data.hub as hub
+
+    class ConnectError(Exception):  # httpx's, which is not an OSError
+        pass
+
+    def refuse(*args, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", refuse)
+    assert hub.list_files("org/name") is None
+
+    def missing(*args, **kwargs):
+        raise RepositoryNotFoundError("404 Client Error", response=mock.Mock())
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", missing)
+    with pytest.raises(DataError, match="dataset 'org/name' not found on the Hugging Face Hub"):
+        hub.list_files("org/name")

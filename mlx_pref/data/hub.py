@@ -114,7 +114,7 @@ def list_files(repo: str, revision: str | None = None) -> list[str] | None:
         return []
     except HfHubHTTPError as exc:
         raise _hub_error(repo, exc) from None
-    except OSError:  # no network: the local cache may still hold it
+    except Exception:  # no network (httpx's connection errors are not OSErrors): the cache
         return None
 
 
