@@ -63,7 +63,13 @@ class Progress:
     """A one-line live bar on a terminal; plain periodic lines otherwise (CI, pipes)."""
 
     def __init__(
-        self, total: int, start: int = 0, stream: TextIO | None = None, enabled: bool = True
+        self,
+        total: int,
+        start: int = 0,
+        stream: TextIO | None = None,
+        enabled: bool = True,
+        unit: str = "step",
+        plain_lines: bool = False,
     ):
         self.total = total
         self.stream = stream or sys.stderr
@@ -71,18 +77,32 @@ class Progress:
         self.live = enabled and self.stream.isatty()
         self.t0 = time.perf_counter()
         self.start = start
+        self.unit = unit
+        self.plain_lines = plain_lines
+        """Off a terminal, print a plain progress line at every tenth of the way."""
+        self.shown = 0
+
+    def eta(self, step: int) -> str:
+        elapsed = time.perf_counter() - self.t0
+        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else math.inf
+        if math.isinf(eta):
+            return "?"
+        return time.strftime("%H:%M:%S" if eta >= 3600 else "%M:%S", time.gmtime(eta))
 
     def update(self, step: int, metrics: dict) -> None:
         if not self.live:
+            tenth = step * 10 // max(self.total, 1)
+            if self.enabled and self.plain_lines and tenth > self.shown:
+                self.shown = tenth
+                self.stream.write(f"{self.unit} {step}/{self.total}, eta {self.eta(step)}\n")
+                self.stream.flush()
             return
         width = 24
         frac = step / max(self.total, 1)
         bar = "=" * int(width * frac) + ">" + " " * (width - int(width * frac))
-        elapsed = time.perf_counter() - self.t0
-        rate = (step - self.start) / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else math.inf
-        eta_s = "?" if math.isinf(eta) else time.strftime("%M:%S", time.gmtime(eta))
-        parts = [f"step {step}/{self.total} [{bar[:width]}]"]
+        eta_s = self.eta(step)
+        parts = [f"{self.unit} {step}/{self.total} [{bar[:width]}]"]
         for key, label in (
             ("loss", "loss"),
             ("rewards/accuracies", "acc"),

@@ -81,6 +81,26 @@ def test_blas_can_be_switched_off(tmp_path):
     assert expected in proc.stdout
 
 
+def test_openblas_runs_one_thread_on_a_busy_machine(monkeypatch):
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv(backend.BLAS_THREADS_ENV, raising=False)
+    monkeypatch.setattr(backend.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(backend.os, "getloadavg", lambda: (2.5, 1.0, 1.0))
+    assert backend.blas_threads() == (1, ", 1 thread: the machine is busy (load 2.5 on 2 cores)")
+    monkeypatch.setattr(backend.os, "getloadavg", lambda: (0.4, 1.0, 1.0))
+    assert backend.blas_threads() == (None, "")  # idle: OpenBLAS's default, every core
+    monkeypatch.setenv(backend.BLAS_THREADS_ENV, "2")
+    assert backend.blas_threads()[0] == 2
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")  # OpenBLAS's own setting is left alone
+    assert backend.blas_threads() == (None, "")
+    if sys.platform.startswith("linux"):
+        code = "import mlx_pref; from mlx_pref import backend; print(backend.blas_info().note)"
+        env = {**os.environ, backend.BLAS_THREADS_ENV: "1"}
+        env.pop("OPENBLAS_NUM_THREADS")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert "loaded, 1 thread(s) (MLX_PREF_BLAS_THREADS)" in proc.stdout
+
+
 def test_cuda_specifics_without_a_gpu(monkeypatch):
     """What the CUDA backend changes, checked on any machine by faking what MLX reports."""
     monkeypatch.setattr(backend, "backend_name", lambda: "cuda")

@@ -83,3 +83,18 @@ def test_scientific_notation_strings_are_numbers():
 def test_config_is_a_dataclass_with_typed_defaults():
     cfg = Config()
     assert cfg.model is None and cfg.loss == "sigmoid" and cfg.reference == "auto"
+
+
+def test_warmup_ratio_is_resolved_against_the_run_steps():
+    import mlx.core as mx
+
+    from mlx_pref.train.step import lr_schedule, warmup_steps
+
+    cfg = config_from_dict({"warmup_ratio": 0.1, "learning_rate": 1.0})
+    assert warmup_steps(cfg, 25) == 3  # ceil(2.5), as transformers rounds
+    schedule = lr_schedule(cfg, 25)
+    assert [round(float(schedule(mx.array(s))), 4) for s in (0, 1, 3, 10)] == [0.0, 0.3333, 1, 1]
+    with pytest.raises(ConfigError, match="warmup_steps and warmup_ratio exclude each other"):
+        config_from_dict({"warmup_ratio": 0.1, "warmup_steps": 2})
+    with pytest.raises(ConfigError, match=r"warmup_ratio must be in \[0, 1\)"):
+        config_from_dict({"warmup_ratio": 1.5})

@@ -346,9 +346,15 @@ def test_directory_mixing_paired_and_unpaired_is_an_error(tmp_path, tok):
             "t.jsonl.gz",
             r"t\.jsonl\.gz: not a valid gzip file \(Compressed file ended",
         ),
-        (b"PAR1\x00\x00", "p.parquet", r"p\.parquet: parquet files are not read .*to_json"),
+        (
+            b"PAR1\x00\x00",
+            "p.parquet",
+            r"p\.parquet: not a readable parquet file \(Parquet file size is 6 bytes",
+        ),
+        (b"PAR1 not json", "p.jsonl", r"p\.jsonl: this is a parquet file; name it p\.parquet"),
         ("[]".encode("utf-16"), "u.json", r"u\.json: the file is UTF-16 text; save it as UTF-8"),
-        (b"prompt,chosen\n", "d.csv", r"d\.csv: CSV files are not read"),
+        (b"prompt,chosen\n", "d.csv", r"d\.csv: the file holds no rows"),
+        (b"", "e.parquet", r"e\.parquet: the file is empty"),
         (
             b'[{"prompt": "a"},\n {"chosen": }]',
             "m.json",
@@ -368,8 +374,8 @@ def test_missing_file_and_empty_directory(tmp_path, tok):
     with pytest.raises(DataError, match=r"data file not found: .*nope\.jsonl"):
         load_dataset(tmp_path / "nope.jsonl", tok, cfg())
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "x.parquet").write_bytes(b"PAR1")
-    with pytest.raises(DataError, match=r"d: no data files .* it holds x\.parquet"):
+    (tmp_path / "d" / "x.txt").write_bytes(b"prompt")
+    with pytest.raises(DataError, match=r"d: no data files \(\.jsonl, .*\.parquet.*\) in it"):
         load(tmp_path / "d", tok)
 
 
@@ -420,11 +426,15 @@ def test_hub_dataset_from_the_cache(hub_cache, tok):
         resolve_files("org/name:dev")
 
 
-def test_hub_dataset_without_json_files(hub_cache):
+def test_hub_dataset_without_data_files_and_no_conversion(hub_cache):
     for f in (hub_cache / "sub").iterdir():
         f.unlink()
-    (hub_cache / "sub" / "train-00000.parquet").write_bytes(b"PAR1")
-    with pytest.raises(DataError, match=r"hf://org/name: no data files .* parquet-only"):
+    (hub_cache / "sub" / "notes.txt").write_text("no data here")
+    with pytest.raises(
+        DataError,
+        match=r"hf://org/name: no data files .* its parquet conversion \(refs/convert/parquet\) "
+        r"is not in the local cache \(offline\)",
+    ):
         resolve_files("org/name")
 
 

@@ -193,6 +193,17 @@ def test_lora_trains_on_quantized_base(smol_path):
     )
 
 
+def test_cpu_loads_a_quantized_gguf_as_float32_by_default(smol_path, smol_float):
+    from mlx_pref.models import load_model
+
+    loaded = load_model(str(smol_path), dequantize=None)  # what a config without dequantize does
+    assert loaded.dequantized and loaded.notes[0].startswith("note: dequantized the quantized base")
+    layer = loaded.model.layers[0].self_attn.q_proj
+    assert type(layer) is nn.Linear and layer.weight.dtype == mx.float32
+    ids = mx.array([[1, 504, 3575, 282, 4649, 314]])
+    np.testing.assert_array_equal(np.asarray(loaded.model(ids)), np.asarray(smol_float[0](ids)))
+
+
 # ----------------------------------------------------------------------------- synthetic files
 
 HIDDEN, HEADS, KV_HEADS, FFN = 64, 2, 1, 64

@@ -33,21 +33,35 @@ TEMPLATES = ("dpo", "ipo", "simpo", "orpo", "bco", "kto", "weighted")
 
 
 @cli.command()
-@click.option("--template", type=click.Choice(TEMPLATES), default="dpo", show_default=True)
+@click.option("--template", type=click.Choice(TEMPLATES), help="Loss family (default: dpo).")
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(dir_okay=False),
+    help="A TRL or Soup config file to rewrite in mlx-pref's names.",
+)
 @click.option(
     "--output",
     "-o",
     type=click.Path(dir_okay=False),
-    help="File to write (default: TEMPLATE.yaml).",
+    help="File to write (default: TEMPLATE.yaml, or SOURCE-mlx-pref.yaml with --from).",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
-def init(template: str, output: str | None, force: bool) -> None:
-    """Write a commented starter config for a loss family; it runs as written."""
+def init(template: str | None, source: str | None, output: str | None, force: bool) -> None:
+    """Write a commented starter config for a loss family, or (--from) the mlx-pref
+    equivalent of a TRL or Soup config; either runs as written."""
     from importlib.resources import files
 
     from mlx_pref.checkpoint import write_atomic
+    from mlx_pref.config import rewrite_config
 
-    path = Path(output or f"{template}.yaml")
+    if template and source:
+        raise click.UsageError("--template and --from exclude each other: pick one")
+    if source:
+        path = Path(output or f"{Path(source).stem}-mlx-pref.yaml")
+    else:
+        template = template or "dpo"
+        path = Path(output or f"{template}.yaml")
     if path.is_dir():
         raise MlxPrefError(f"init: {path} is a folder; name a file with --output")
     if path.exists() and not force:
@@ -56,7 +70,12 @@ def init(template: str, output: str | None, force: bool) -> None:
         )
     if not path.parent.is_dir():
         raise MlxPrefError(f"init: cannot write {path}: the folder {path.parent} does not exist")
-    text = (files("mlx_pref") / "templates" / f"{template}.yaml").read_text()
+    if source:
+        text, notes = rewrite_config(source)
+        for note in notes:
+            click.echo(note)
+    else:
+        text = (files("mlx_pref") / "templates" / f"{template}.yaml").read_text()
     write_atomic(path, lambda tmp: tmp.write_text(text))
     click.echo(f"wrote {path}; train with: mlx-pref train {path}")
 

@@ -52,7 +52,11 @@ def run_inputs(cfg, config_path: str | None) -> list[str]:
 @click.option(
     "--model", help="Model directory or Hugging Face Hub id (default: embedded tiny model)."
 )
-@click.option("--data", help="Preference data file (default: embedded data).")
+@click.option(
+    "--data",
+    help="Preference data: a file (JSON Lines, JSON, parquet, Arrow, CSV), a folder, or "
+    "hf://owner/name[:split] (default: embedded data).",
+)
 @click.option("--eval-data", help="Held-out preference data file.")
 @click.option("--output", help="Run directory for adapters, checkpoints and metrics.")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
@@ -159,6 +163,8 @@ def cache_ref(config, **flags) -> None:
         cfg.model, quantization_bits=cfg.quantization_bits, dtype=cfg.dtype,
         dequantize=cfg.dequantize,
     )  # fmt: skip
+    for note in [*cfg.notes, *loaded.notes]:
+        click.echo(note)
     _, sft_weights = attach_adapters(loaded.model, cfg.lora, cfg.adapter)
     train_set, eval_set = load_datasets(cfg, loaded.tokenizer)
     reference = make_reference(cfg, loaded, sft_weights=sft_weights, log=click.echo)

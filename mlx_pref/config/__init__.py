@@ -11,7 +11,13 @@ from mlx_pref.config.checks import (
     REFERENCES,
     TRUNCATION_MODES,
 )
-from mlx_pref.config.load import config_from_dict, load_config, merge, read_yaml
+from mlx_pref.config.load import (
+    config_from_dict,
+    load_config,
+    merge,
+    read_yaml,
+    rewrite_config,
+)
 from mlx_pref.config.schema import RUN_CONFIG, Config, LoraConfig
 
 __all__ = [
@@ -30,4 +36,5 @@ __all__ = [
     "load_config",
     "merge",
     "read_yaml",
+    "rewrite_config",
 ]

@@ -10,7 +10,8 @@ from typing import Any
 
 import mlx.core as mx
 
-from mlx_pref.errors import ConfigError
+from mlx_pref.data.columns import MAPPABLE
+from mlx_pref.errors import ConfigError, suggest
 from mlx_pref.losses import (
     BETA_SCHEDULES,
     EXTRA_INPUTS,
@@ -60,6 +61,7 @@ def check_model_and_data(cfg) -> None:
     if cfg.quantization and cfg.dequantize:
         raise ConfigError("quantization and dequantize exclude each other: pick one")
     _choice("format", cfg.format, DATA_FORMATS)
+    check_columns(cfg.columns)
     _choice("truncation_mode", cfg.truncation_mode, TRUNCATION_MODES)
     _choice("reference", cfg.reference, REFERENCES)
     _choice("lr_schedule", cfg.lr_schedule, LR_SCHEDULES)
@@ -82,6 +84,27 @@ def check_model_and_data(cfg) -> None:
         raise ConfigError(f"loss: {exc}") from None
     if cfg.bco_udm and "bco" not in weights:
         raise ConfigError("bco_udm applies to loss: bco only")
+
+
+def check_columns(columns: dict[str, str] | None) -> None:
+    """``columns`` maps our field names to the dataset's column names, one column each."""
+    if not columns:
+        return
+    for key, column in columns.items():
+        if key not in MAPPABLE:
+            close = suggest(key, list(MAPPABLE))
+            hint = f"did you mean '{close}'? " if close else ""
+            raise ConfigError(
+                f"columns: unknown field '{key}'; {hint}fields: {', '.join(MAPPABLE)} "
+                "(write columns: {prompt: question}, field first)"
+            )
+        if not column.strip():
+            raise ConfigError(f"columns.{key} is empty: name the column that holds the {key}")
+    seen: dict[str, str] = {}
+    for key, column in columns.items():
+        if column in seen:
+            raise ConfigError(f"columns: '{column}' is given for both {seen[column]} and {key}")
+        seen[column] = key
 
 
 def check_optimisation(cfg) -> None:
@@ -109,6 +132,10 @@ def check_optimisation(cfg) -> None:
         raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
     if cfg.warmup_steps < 0:
         raise ConfigError(f"warmup_steps must be >= 0, got {cfg.warmup_steps}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.warmup_ratio and cfg.warmup_steps:
+        raise ConfigError("warmup_steps and warmup_ratio exclude each other: set one")
     if cfg.weight_decay < 0:
         raise ConfigError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
     if cfg.max_grad_norm is not None:

@@ -1,5 +1,6 @@
-"""Reading a Config: YAML files and flag overrides, loose types made exact, unknown keys
-reported with the key most likely meant, and relative paths explained."""
+"""Reading a Config: YAML files and flag overrides, foreign vocabularies (TRL's, Soup's)
+mapped in, loose types made exact, every unknown key reported at once with the key most
+likely meant, and relative paths explained."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import yaml
 
 from mlx_pref.config.schema import LORA_ALIASES, Config, LoraConfig
+from mlx_pref.config.vocab import translate
 from mlx_pref.errors import ConfigError, suggest
 from mlx_pref.losses import REGISTRY
 
@@ -88,6 +90,17 @@ def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
     return ConfigError(f"unknown {where}key '{key}'{hint}")
 
 
+def _unknown_keys(keys: list[str], valid: list[str]) -> str:
+    """One message for every unknown key, each with the key most likely meant."""
+    if len(keys) == 1:
+        return str(_unknown_key(keys[0], valid, ""))
+    parts = []
+    for key in keys:
+        close = suggest(key, valid)
+        parts.append(f"'{key}'" + (f" (did you mean '{close}'?)" if close else ""))
+    return f"unknown keys {', '.join(parts)} (the README's configuration reference lists every key)"
+
+
 def _build_lora(raw: Any) -> LoraConfig:
     if raw is None:
         return LoraConfig()
@@ -114,10 +127,29 @@ def loss_parameter_defaults() -> dict[str, Any]:
     return out
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Build and validate a Config from plain values (a parsed YAML file plus overrides)."""
+def vocabulary() -> set[str]:
+    """Every top-level key mlx-pref reads: Config fields and loss parameters."""
+    return {*_field_types(Config), *loss_parameter_defaults()} - {"notes"}
+
+
+def config_from_dict(
+    raw: dict[str, Any], notes: list[str] | None = None, problems: list[str] | None = None
+) -> Config:
+    """Build and validate a Config from plain values (a parsed YAML file plus overrides).
+
+    Foreign keys (TRL's, Soup's) are translated first (``vocab.translate``); ``notes`` and
+    ``problems`` come from a translation done earlier (``load_config`` translates the file
+    before the flags apply). Keys with no counterpart and unknown keys are one error.
+    """
     hints = _field_types(Config)
     loss_params = loss_parameter_defaults()
+    raw, found, trouble = translate(raw, vocabulary())
+    notes, problems = [*(notes or []), *found], [*(problems or []), *trouble]
+    unknown = [k for k in raw if k not in hints and k not in loss_params and k != "loss_params"]
+    if unknown or problems:
+        valid = [k for k in [*hints, *loss_params] if k != "notes"]
+        messages = [*problems, *([_unknown_keys(unknown, valid)] if unknown else [])]
+        raise ConfigError("; ".join(messages))
     kwargs: dict[str, Any] = {"loss_params": {}}
     for key, value in raw.items():
         if key == "lora":
@@ -127,8 +159,6 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
                 kwargs["loss_params"][k] = v
         elif key in loss_params:
             kwargs["loss_params"][key] = value
-        elif key not in hints:
-            raise _unknown_key(key, [*hints, *loss_params], "")
         else:
             kwargs[key] = _coerce(key, value, hints[key])
     loss = kwargs.get("loss")
@@ -141,7 +171,7 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         default = loss_params[key]
         if value is not None and default is not None and not isinstance(default, str):
             kwargs["loss_params"][key] = _coerce(key, value, type(default))
-    return Config(**kwargs).validate()
+    return Config(**kwargs, notes=notes).validate()
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -185,11 +215,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     raw = read_yaml(path) if path else {}
     where = f"{path}: " if path else ""
     try:
-        config = config_from_dict(merge(raw, overrides or {}))
+        # The file's own vocabulary first, then the flags (ours) override it.
+        mapped, notes, problems = translate(raw, vocabulary())
+        config = config_from_dict(merge(mapped, overrides or {}), notes, problems)
     except ConfigError as exc:
         raise ConfigError(f"{where}{exc}") from None
     if path:
-        _check_relative_paths(config, raw, overrides or {}, Path(path))
+        _check_relative_paths(config, mapped, overrides or {}, Path(path))
     return config
 
 
@@ -211,3 +243,17 @@ def _check_relative_paths(config: Config, raw: dict, overrides: dict, path: Path
                 f"which relative paths are read from; it is beside the config: write {beside} "
                 "or run from there"
             )
+
+
+def rewrite_config(path: str | Path) -> tuple[str, list[str]]:
+    """A config file in another trainer's vocabulary (TRL's, Soup's) as the equivalent
+    mlx-pref YAML, checked the way ``load_config`` checks it, and what was mapped."""
+    raw = read_yaml(path)
+    try:
+        mapped, notes, problems = translate(raw, vocabulary())
+        config_from_dict(mapped, notes, problems)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    lines = [f"# mlx-pref config written from {path}"]
+    lines += [f"# {note}" for note in notes] or ["# (it already used mlx-pref's names)"]
+    return "\n".join(lines) + "\n" + yaml.safe_dump(mapped, sort_keys=False), notes

@@ -60,15 +60,21 @@ class Config:
     """Start from this (SFT) adapter directory; the reference is base + it, frozen."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: str | None = None
-    """Quantize a float base to 4bit or 8bit for QLoRA."""
-    dequantize: bool = False
-    """Train on float weights from an already-quantized base (a GGUF, an MLX 4-bit model)."""
+    """Quantize a float base to 4bit or 8bit for QLoRA (on the CPU only with dequantize: false)."""
+    dequantize: bool | None = None
+    """Train on float weights from an already-quantized base (a GGUF, an MLX 4-bit model).
+    None: decided by the backend (``models.resolve_quantization``): float on the CPU, where
+    quantized matmuls are slow, when the float copy fits in memory; quantized elsewhere."""
     dtype: str | None = None
     # data
     data: str | None = None
     eval_data: str | None = None
     eval_split: float = 0.0
     format: str = "auto"
+    columns: dict[str, str] | None = None
+    """Fields read from other columns: ``{prompt: question, completion: output}``."""
+    system_prompt: str | None = None
+    """System message for rows without one (rendered with the chat template)."""
     max_length: int = 512
     max_prompt_length: int | None = None
     max_completion_length: int | None = None
@@ -115,6 +121,8 @@ class Config:
     learning_rate: float = 1e-4
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction of the run's optimizer steps (rounded up), instead of warmup_steps."""
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     seed: int = 0
@@ -142,6 +150,9 @@ class Config:
     push_to_hub: str | None = None
     """At the end of training, export the adapter (mlx-lm format + model card) and upload it."""
     hub_private: bool = False
+    notes: list[str] = field(default_factory=list, compare=False, repr=False)
+    """What reading the config did that the user should hear (foreign names mapped); not
+    a setting: never saved, never compared."""
 
     def validate(self) -> Config:
         """Choice, range and loss-option checks (``checks.validate``); returns itself."""
@@ -155,6 +166,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain values; loss parameters sit at the top level, as users write them."""
         out = dataclasses.asdict(self)
+        out.pop("notes")
         out.update(out.pop("loss_params"))
         return out
 

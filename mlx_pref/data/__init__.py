@@ -27,7 +27,14 @@ from mlx_pref.data.batching import (
     iterate_batches,
     padding_fraction,
 )
-from mlx_pref.data.formats import FORMATS, Record, detect_format, extract_prompt, read_records
+from mlx_pref.data.formats import (
+    FORMATS,
+    Reading,
+    Record,
+    detect_format,
+    extract_prompt,
+    read_records,
+)
 from mlx_pref.data.report import Report
 from mlx_pref.data.sources import DataFile, resolve_files
 from mlx_pref.data.tokenize import Truncation, tokenize_records, truncate
@@ -41,6 +48,7 @@ __all__ = [
     "Dataset",
     "Example",
     "PairExample",
+    "Reading",
     "Record",
     "Report",
     "Truncation",
@@ -105,10 +113,11 @@ def load_dataset(
     spec's files if already resolved (``resolve_files``).
     """
     report = Report(strict=cfg.strict)
+    reading = Reading.from_config(cfg)
     records = (
         record
         for f in (files if files is not None else resolve_files(spec))
-        for record in read_records(f, cfg.format, report)
+        for record in read_records(f, reading, report)
     )
     examples = tokenize_records(records, tokenizer, Truncation.from_config(cfg), report)
     kinds = {"unpaired" if f.format == "unpaired" else "paired": f.name for f in report.files}

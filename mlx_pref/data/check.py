@@ -14,6 +14,7 @@ import numpy as np
 
 from mlx_pref.data import Dataset, load_dataset
 from mlx_pref.data.batching import PairExample, padding_fraction
+from mlx_pref.data.columns import describe
 from mlx_pref.data.sources import DataFile
 
 
@@ -48,6 +49,7 @@ class CheckResult:
     lengths: dict[str, LengthStats]
     padding_bucketed: float
     padding_unbucketed: float
+    system_prompt: str | None = None
 
     def format(self) -> str:
         """The human-readable summary ``mlx-pref data check`` prints."""
@@ -57,6 +59,10 @@ class CheckResult:
         for f in report.files:
             how = f"detected from line {f.detected_from}" if f.detected_from else "as set"
             lines.append(f"  {f.name}: {f.rows} rows, format {f.format} ({how})")
+            if f.columns:
+                lines.append(f"    columns: {describe(f.columns)}")
+        if self.system_prompt is not None:
+            lines.append(f"system prompt (rows without one): {self.system_prompt!r:.80}")
         lines.append(f"rows read: {report.rows}")
         lines.append(f"kept: {report.kept} {unit}")
         if not ds.paired:
@@ -117,6 +123,7 @@ def check_dataset(
         length_stats(dataset),
         padding_fraction(dataset.examples, batch_size, seed=cfg.seed, bucket=True),
         padding_fraction(dataset.examples, batch_size, seed=cfg.seed, bucket=False),
+        cfg.system_prompt,
     )
 
 

@@ -10,44 +10,45 @@ Formats (TRL's dataset types, by the fields a row has):
 - ``unpaired``: ``prompt``, ``completion`` (strings or messages) and a boolean ``label``.
 
 With ``format: auto`` each file's format is detected from its first row that has a
-recognisable set of fields; every row of the file is then read as that format.
+recognisable set of fields; every row of the file is then read as that format. Fields
+may come from other columns (``columns.py``); a ``system`` column or the ``system_prompt``
+option gives each row a system message (see ``tokenize.with_system``).
 """
 
 from __future__ import annotations
 
-import difflib
 import itertools
-import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from mlx_pref.data.columns import (
+    FIELDS,
+    detect_format,
+    infer_columns,
+    kind,
+    remap,
+    suggest_field,
+    undetectable_message,
+    wanted_columns,
+)
+from mlx_pref.data.implicit import Messages, Text, extract_prompt, transcript_messages
 from mlx_pref.data.report import FileSummary, Report
 from mlx_pref.data.sources import DataFile, RawRow, read_rows
 from mlx_pref.errors import DataError
 
-FORMATS = ("paired", "implicit", "conversational", "unpaired")
-FIELDS = {
-    "paired": ("prompt", "chosen", "rejected"),
-    "implicit": ("chosen", "rejected"),
-    "conversational": ("prompt", "chosen", "rejected"),
-    "unpaired": ("prompt", "completion", "label"),
-}
-KNOWN_FIELDS = {"prompt", "chosen", "rejected", "completion", "label"}
-ALIASES = {
-    "prompt": ("question", "instruction", "input", "query", "context", "prompt_text"),
-    "chosen": ("accepted", "preferred", "better", "winner", "positive", "good"),
-    "rejected": ("dispreferred", "worse", "loser", "negative", "bad"),
-    "completion": ("response", "output", "answer", "text"),
-    "label": ("labels", "desirable", "thumbs_up", "is_good"),
-}
-TURN_MARKER = "\n\nAssistant:"
-"""hh-rlhf's turn boundary: implicit prompts end right after the last shared one."""
-TRANSCRIPT_TURN = re.compile(r"\n\n(Human|Assistant): ?")
-"""hh-rlhf's turns, for reading a transcript string as chat messages."""
+__all__ = [
+    "FORMATS",
+    "Reading",
+    "Record",
+    "RowError",
+    "detect_format",
+    "extract_prompt",
+    "read_records",
+    "transcript_messages",
+]
 
-Messages = list[dict]
-Text = str | Messages
+FORMATS = ("paired", "implicit", "conversational", "unpaired")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,9 @@ class Record:
     file: str = ""
     line: int = 0
     format: str = ""
+    system: str | None = None
+    """The row's system message ("" for none) when its file has a system column or a
+    ``system_prompt`` is set; None otherwise (the row is read as it is)."""
 
     @property
     def paired(self) -> bool:
@@ -76,6 +80,20 @@ class Record:
         return f"{self.file}:{self.line}"
 
 
+@dataclass(frozen=True)
+class Reading:
+    """How to read the rows of a dataset: the format (or ``auto``), the columns fields are
+    read from, and the system prompt of rows that have none."""
+
+    format: str = "auto"
+    columns: dict[str, str] = field(default_factory=dict)
+    system_prompt: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg) -> Reading:
+        return cls(cfg.format, dict(cfg.columns or {}), cfg.system_prompt)
+
+
 class RowError(Exception):
     """A row that cannot be used: ``reason`` for counting, ``message`` names file:line:field."""
 
@@ -85,29 +103,17 @@ class RowError(Exception):
         self.message = message
 
 
-# ------------------------------------------------------------------------ detection
+# ----------------------------------------------------------------- normalisation
 
 
-def detect_format(row: Any) -> str | None:
-    """The format a row's fields say it is in, or None if they match none."""
-    if not isinstance(row, dict):
-        return None
-    if "completion" in row and "label" in row:
-        return "unpaired"
-    if "chosen" in row and "rejected" in row:
-        if any(isinstance(row.get(key), list) for key in ("prompt", "chosen", "rejected")):
-            return "conversational"
-        return "paired" if "prompt" in row else "implicit"
-    return None
+TEXT_LABELS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+"""How CSV cells (always text) write a label."""
 
 
-def suggest_field(missing: str, keys: Iterable[str]) -> str | None:
-    """The row's field that was probably meant for ``missing`` (``chosen_response``)."""
-    extra = [k for k in keys if isinstance(k, str) and k not in KNOWN_FIELDS]
-    close = difflib.get_close_matches(missing, extra, n=1, cutoff=0.5)
-    if close:
-        return close[0]
-    return next((k for k in extra if k.lower() in ALIASES.get(missing, ())), None)
+def _label_hint(label) -> str:
+    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
+        return f"; write {label.strip().lower()} without quotes"
+    return ""
 
 
 def _did_you_mean(missing: str, row: dict) -> str:
@@ -118,53 +124,12 @@ def _did_you_mean(missing: str, row: dict) -> str:
     return f" (the row's fields: {fields})"
 
 
-def undetectable_message(row: RawRow) -> str:
-    """Why a file's format could not be told from its first row."""
-    if row.reason is not None:
-        return f"{row.where}: {row.problem}"
-    if not isinstance(row.value, dict):
-        return f"{row.where}: expected a JSON object per row, got {_kind(row.value)}"
-    keys = list(row.value)
-    hints, unused = [], list(keys)
-    for want in ("prompt", "chosen", "rejected", "completion", "label"):
-        found = None if want in keys else suggest_field(want, unused)
-        if found:
-            hints.append(f"'{want}' for '{found}'")
-            unused.remove(found)
-    hint = f"; did you mean {', '.join(hints)}?" if hints else ""
-    return (
-        f"{row.where}: cannot tell the data format from the fields "
-        f"({', '.join(repr(k) for k in keys[:8]) or 'none'}): expected 'prompt', 'chosen', "
-        f"'rejected' (paired), 'chosen', 'rejected' (implicit prompt), or 'prompt', "
-        f"'completion', 'label' (unpaired){hint}"
-    )
-
-
-# ----------------------------------------------------------------- normalisation
-
-
-def _label_hint(label) -> str:
-    if isinstance(label, str) and label.strip().lower() in ("true", "false"):
-        return f"; write {label.strip().lower()} without quotes"
-    return ""
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    return {
-        bool: "a boolean",
-        int: "a number",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        dict: "an object",
-    }.get(type(value), type(value).__name__)
-
-
 def _field(row: dict, key: str, where: str, fmt: str) -> Any:
     if key in row:
         return row[key]
+    column = getattr(row, "columns", {}).get(key)
+    if column is not None:
+        raise RowError("missing field", f"{where}: missing column '{column}' (read as '{key}')")
     other = detect_format(row)
     if other is not None and other != fmt:
         raise RowError(
@@ -184,24 +149,11 @@ def _string(row: dict, key: str, where: str, fmt: str, completion: bool = True) 
             else ""
         )
         raise RowError(
-            "wrong type", f"{where}: field '{key}' must be a string, got {_kind(value)}{hint}"
+            "wrong type", f"{where}: field '{key}' must be a string, got {kind(value)}{hint}"
         )
     if completion and _blank(value):
         raise RowError("empty completion", f"{where}: field '{key}' is empty")
     return value
-
-
-def transcript_messages(text: str) -> Messages | None:
-    """An hh-rlhf transcript (``\\n\\nHuman: ... \\n\\nAssistant: ...``) as user/assistant
-    messages, or None when ``text`` is not one (it must start with a turn)."""
-    parts = TRANSCRIPT_TURN.split(text)
-    if len(parts) < 3 or parts[0].strip():
-        return None
-    roles = {"Human": "user", "Assistant": "assistant"}
-    return [
-        {"role": roles[role], "content": content.strip()}
-        for role, content in zip(parts[1::2], parts[2::2], strict=True)
-    ]
 
 
 def _messages(row: dict, key: str, where: str, fmt: str, completion: bool = True) -> Messages:
@@ -217,7 +169,7 @@ def _messages(row: dict, key: str, where: str, fmt: str, completion: bool = True
         raise RowError(
             "wrong type",
             f"{where}: field '{key}' must be a list of {{role, content}} messages, got "
-            f"{_kind(value)}{hint}",
+            f"{kind(value)}{hint}",
         )
     if not value:
         reason = "empty completion" if completion else "empty prompt"
@@ -231,7 +183,7 @@ def _messages(row: dict, key: str, where: str, fmt: str, completion: bool = True
             raise RowError(
                 "wrong type",
                 f"{where}: field '{key}' message {i} must be an object with string 'role' and "
-                f"'content', got {_kind(message) if not isinstance(message, dict) else message!r:.80}",
+                f"'content', got {kind(message) if not isinstance(message, dict) else message!r:.80}",
             )
     if completion and _blank(value):
         raise RowError("empty completion", f"{where}: field '{key}' has only empty messages")
@@ -254,40 +206,6 @@ def _distinct(chosen: Text, rejected: Text, where: str) -> None:
         )
 
 
-def _common_prefix(a: str, b: str) -> int:
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:  # binary search on the longest equal prefix: C-speed comparisons
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def extract_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
-    """Split a shared prompt off two full texts (or message lists): (prompt, chosen, rejected).
-
-    Message lists: the prompt is the leading messages both share (TRL's ``extract_prompt``).
-    Strings: the longest common prefix, cut back to end right after the last shared
-    ``\\n\\nAssistant:`` turn marker, so a first word both answers happen to share stays in
-    the completions. Without a marker in the shared text, TRL's character rule: the whole
-    common prefix, less a trailing space (which then starts both completions).
-    """
-    if isinstance(chosen, list):
-        n = 0
-        while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
-            n += 1
-        return chosen[:n], chosen[n:], rejected[n:]
-    n = _common_prefix(chosen, rejected)
-    marker = chosen.rfind(TURN_MARKER, 0, n)
-    if marker >= 0:
-        n = marker + len(TURN_MARKER)
-    elif 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
-        n -= 1
-    return chosen[:n], chosen[n:], rejected[n:]
-
-
 def _implicit(row: dict, where: str, fmt: str, chat: bool) -> Record:
     read = _messages if chat else _string
     chosen, rejected = read(row, "chosen", where, fmt), read(row, "rejected", where, fmt)
@@ -305,7 +223,7 @@ def _implicit(row: dict, where: str, fmt: str, chat: bool) -> Record:
             raise RowError(
                 "wrong type",
                 f"{where}: field 'prompt' must be a list of messages like 'chosen' and "
-                f"'rejected', got {_kind(row['prompt'])}",
+                f"'rejected', got {kind(row['prompt'])}",
             )
         raise RowError(
             "empty prompt",
@@ -316,13 +234,44 @@ def _implicit(row: dict, where: str, fmt: str, chat: bool) -> Record:
     return Record(prompt, chosen, rejected)
 
 
-def normalise(row: Any, fmt: str, where: str) -> Record:
-    """One raw row as a Record of format ``fmt``; raises RowError naming file:line:field."""
+def _label(row: dict, where: str, fmt: str, text: bool) -> bool:
+    label = _field(row, "label", where, fmt)
+    if text and isinstance(label, str) and label.strip().lower() in TEXT_LABELS:
+        return TEXT_LABELS[label.strip().lower()]
+    if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
+        label = bool(label)
+    if not isinstance(label, bool):
+        words = "true or false (or 1/0, yes/no)" if text else "true or false"
+        raise RowError(
+            "wrong type",
+            f"{where}: field 'label' must be {words}, got {kind(label)} ({label!r:.40})"
+            + ("" if text else _label_hint(label)),
+        )
+    return label
+
+
+def _system(row: dict, where: str) -> str | None:
+    """The row's system message: None without a system column, "" for an empty one."""
+    if "system" not in row:
+        return None
+    value = row["system"]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RowError("wrong type", f"{where}: field 'system' must be a string, got {kind(value)}")
+    return value
+
+
+def normalise(row: Any, fmt: str, where: str, *, text: bool = False) -> Record:
+    """One raw row as a Record of format ``fmt``; raises RowError naming file:line:field.
+    ``text``: the row's values are untyped text (a CSV row), where labels are words."""
     if not isinstance(row, dict):
         fields = ", ".join(FIELDS[fmt])
         raise RowError(
-            "not an object", f"{where}: expected a JSON object with {fields}, got {_kind(row)}"
+            "not an object", f"{where}: expected a JSON object with {fields}, got {kind(row)}"
         )
+    if "prompt" in getattr(row, "columns", {}):
+        _field(row, "prompt", where, fmt)  # a mapped prompt is never left to be inferred
     if fmt == "paired":
         prompt = _string(row, "prompt", where, fmt, completion=False)
         chosen, rejected = _string(row, "chosen", where, fmt), _string(row, "rejected", where, fmt)
@@ -343,52 +292,65 @@ def normalise(row: Any, fmt: str, where: str) -> Record:
         read = _messages if chat else _string
         prompt = read(row, "prompt", where, fmt, completion=False)
         completion = read(row, "completion", where, fmt)
-        label = _field(row, "label", where, fmt)
-        if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
-            label = bool(label)
-        if not isinstance(label, bool):
-            raise RowError(
-                "wrong type",
-                f"{where}: field 'label' must be true or false, got {_kind(label)} ({label!r:.40})"
-                + _label_hint(label),
-            )
-        return Record(prompt, completion=completion, label=label)
+        return Record(prompt, completion=completion, label=_label(row, where, fmt, text))
     raise DataError(f"unknown data format '{fmt}'; expected auto or one of {', '.join(FORMATS)}")
 
 
 # ---------------------------------------------------------------------- per file
 
 
-def read_records(f: DataFile, fmt: str, report: Report) -> Iterator[Record]:
+def _layout(
+    rows: Iterator[RawRow], f: DataFile, reading: Reading
+) -> tuple[list[RawRow], str, dict[str, str], int | None]:
+    """Rows read ahead, the file's format, the columns its fields come from, and the line
+    the format was detected from (None when set by the ``format`` option)."""
+    explicit, head = reading.columns, []
+    for row in rows:
+        head.append(row)
+        if not isinstance(row.value, dict):
+            continue
+        columns = {**explicit, **infer_columns(row.value, explicit)}
+        if reading.format != "auto":
+            return head, reading.format, columns, None
+        found = detect_format(remap(row.value, columns))
+        if found is not None:
+            return head, found, columns, row.line
+    if reading.format != "auto":
+        return head, reading.format, dict(explicit), None
+    if not head:
+        raise DataError(f"{f.name}: the file holds no rows")
+    raise DataError(undetectable_message(head[0]))
+
+
+def read_records(f: DataFile, reading: Reading | str, report: Report) -> Iterator[Record]:
     """Every usable row of one file as a Record, streamed; bad rows are counted in ``report``.
 
-    With ``fmt`` "auto", rows are buffered only until one shows the file's format.
+    ``reading``: a ``Reading``, or just the format. Rows are read ahead only until one
+    shows the file's format and columns.
     """
-    rows = read_rows(f)
-    head: list[RawRow] = []
-    detected_from = None
-    if fmt == "auto":
-        for row in rows:
-            head.append(row)
-            if detect_format(row.value) is not None:
-                fmt, detected_from = detect_format(row.value), row.line
-                break
-        else:
-            if not head:
-                raise DataError(f"{f.name}: the file holds no rows")
-            raise DataError(undetectable_message(head[0]))
-    summary = FileSummary(f.name, fmt, detected_from=detected_from)
+    if isinstance(reading, str):
+        reading = Reading(reading)
+    rows = read_rows(f, lambda names: wanted_columns(names, reading.columns))
+    head, fmt, columns, detected_from = _layout(rows, f, reading)
+    shown = dict(columns)
+    if any(isinstance(r.value, dict) and "system" in r.value for r in head[-1:]):
+        shown.setdefault("system", "system")
+    summary = FileSummary(f.name, fmt, detected_from=detected_from, columns=shown)
     report.files.append(summary)
     for row in itertools.chain(head, rows):
         summary.rows += 1
         if row.reason is not None:
             report.problem(row.reason, f"{row.where}: {row.problem}", f.name)
             continue
+        value = remap(row.value, columns)
         try:
-            record = normalise(row.value, fmt, row.where)
+            record = normalise(value, fmt, row.where, text=row.text)
+            system = _system(value, row.where) if isinstance(value, dict) else None
         except RowError as exc:
             report.problem(exc.reason, exc.message, f.name)
             continue
-        yield replace(record, file=f.name, line=row.line, format=fmt)
+        if reading.system_prompt is not None and not system:
+            system = reading.system_prompt
+        yield replace(record, file=f.name, line=row.line, format=fmt, system=system)
     if summary.rows == 0:
         raise DataError(f"{f.name}: the file holds no rows")

@@ -32,6 +32,8 @@ class FileSummary:
     first_problem: str = ""
     detected_from: int | None = None
     """Line the format was detected from (None: set by the ``format`` option)."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Fields read from another column (field -> column), and the system column."""
 
 
 @dataclass
@@ -117,6 +119,7 @@ class Report:
             "kept": self.kept,
             "format": self.format,
             "files": [(f.name, f.format, f.rows) for f in self.files],
+            "columns": {f.name: dict(f.columns) for f in self.files if f.columns},
             "truncated": self.truncated,
             "prompt_truncated": self.prompt_truncated,
             "completion_truncated": self.completion_truncated,

@@ -11,13 +11,17 @@
   ChatML's ``<|im_end|>\\n`` gets no second ``<|im_end|>``.
 - Prompt and completions are tokenized separately and concatenated (one prompt serves
   both completions of a pair); texts are encoded in batches.
+- A system message (a ``system`` column, or ``system_prompt``) has a meaning only in a
+  chat template: rows that carry one are rendered as chat, ``[system, user: prompt]``
+  then ``assistant: completion`` (``with_system``); without a template the system text
+  and a blank line go in front of a plain prompt.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mlx_pref.data.batching import Example, PairExample, UnpairedExample
 from mlx_pref.data.formats import Record, RowError
@@ -158,6 +162,29 @@ def _render_chat(tokenizer, prompt: list, completion: list, key: str, where: str
     return prompt_text, full[len(prompt_text) :]
 
 
+def with_system(record: Record, template: bool) -> Record:
+    """``record`` with its system message in place (unchanged when it has none).
+
+    Chat rows get a leading system message unless they already start with one; plain
+    paired and unpaired rows become chat (``[system, user: prompt]``, each completion an
+    assistant message) when the tokenizer has a chat template; otherwise, and for
+    implicit-prompt transcripts, the system text and a blank line precede the prompt.
+    """
+    system = record.system
+    if system is None:
+        return record
+    head = [{"role": "system", "content": system}] if system else []
+    if record.chat:
+        if not head or record.prompt[:1] and record.prompt[0]["role"] == "system":
+            return record
+        return replace(record, prompt=head + record.prompt)
+    if not template or record.format == "implicit":
+        return replace(record, prompt=f"{system}\n\n{record.prompt}" if system else record.prompt)
+    keys = ("chosen", "rejected") if record.paired else ("completion",)
+    answers = {k: [{"role": "assistant", "content": getattr(record, k)}] for k in keys}
+    return replace(record, prompt=[*head, {"role": "user", "content": record.prompt}], **answers)
+
+
 def render(record: Record, tokenizer) -> tuple[str, tuple[str, ...]]:
     """The prompt text and the completion texts (chosen, rejected) or (completion,)."""
     keys = ("chosen", "rejected") if record.paired else ("completion",)
@@ -185,6 +212,7 @@ def tokenize_records(
     while chunk := list(itertools.islice(records, CHUNK)):
         rendered = []
         for record in chunk:
+            record = with_system(record, template)
             if record.chat and not template:
                 name = getattr(tokenizer, "name_or_path", "") or "the model's tokenizer"
                 raise DataError(

@@ -43,7 +43,7 @@ def fused_model(run: Run, base: BaseModel, dequantize: bool) -> LoadedModel:
         cfg.model,
         quantization_bits=cfg.quantization_bits,
         dtype=cfg.dtype,
-        dequantize=dequantize and base.gguf,
+        dequantize=bool(dequantize and base.gguf),
     )
     model = loaded.model
     try:

@@ -70,7 +70,9 @@ def export_run(
     _check_output(output, run, overwrite)
     info = identify_base(run.config, base)
     # An adapter trained on dequantized weights is fused into dequantized weights.
-    dequantize = dequantize or (fmt == "fused" and run.config.dequantize)
+    # A run records what it trained on (``dequantize`` true or false); an unresolved one
+    # (null) trained on the base as its config describes it.
+    dequantize = bool(dequantize or (fmt == "fused" and run.config.dequantize))
     writer = {
         "mlx": write_mlx,
         "peft": write_peft,

@@ -78,7 +78,7 @@ def make_reference(
         # the reference adapter are added per dataset by the cache itself).
         base = (
             f"{scored_by.path.name}|{model_fingerprint(scored_by.path)}|"
-            f"q{scored_by.quantization_bits}|{cfg.dtype}|dequantize={cfg.dequantize}"
+            f"q{scored_by.quantization_bits}|{cfg.dtype}|dequantize={scored_by.dequantized}"
         )
         return Cached(scorer, base, cache_dir, reason, log=log, show_progress=show_progress)
     if cfg.reference == "auto":

@@ -21,7 +21,7 @@ import numpy as np
 
 from mlx_pref.backend import all_sum, distributed_group
 from mlx_pref.checkpoint import write_atomic
-from mlx_pref.data.batching import Batch, drawn_from, iterate_batches
+from mlx_pref.data.batching import Batch, collate, drawn_from, iterate_batches
 from mlx_pref.progress import Progress
 from mlx_pref.reference.strategies import Reference
 
@@ -120,7 +120,8 @@ class Cached(Reference):
         self.datasets: dict = {}
         self.splits: dict[str, _Split] = {}
         self.computed_rows = 0
-        """Rows scored by the reference model in this process (0 when every row was cached)."""
+        """Dataset rows (pairs, or unpaired rows) scored by the reference model in this
+        process (0 when every row used was cached)."""
 
     def describe(self) -> str:
         text = f"{self.name} (scored by {self.scorer.name})"
@@ -188,9 +189,12 @@ class Cached(Reference):
             return self.scorer.live_logps(batch)  # not a batch of the cached rows
         cached = self._split(split)
         idx = batch.indices
-        if not cached.known[idx].all():
-            cached.fill(idx, np.asarray(self.scorer.live_logps(batch)))
-            self.computed_rows += len(batch.lengths)
+        missing = idx[~cached.known[idx]]
+        if len(missing):  # score only the rows not scored yet
+            if len(missing) < len(idx):
+                batch = collate([dataset.examples[i] for i in missing], missing)
+            cached.fill(missing, np.asarray(self.scorer.live_logps(batch)))
+            self.computed_rows += len(missing)
         return mx.array(cached.rows(idx))
 
     def prepare(self, datasets: dict) -> None:
@@ -206,11 +210,11 @@ class Cached(Reference):
             ][group.rank() :: group.size()]
             if not batches:
                 continue
-            bar = Progress(len(batches), enabled=self.show_progress)
+            bar = Progress(len(batches), enabled=self.show_progress, unit="batch", plain_lines=True)
             bar.message(f"scoring reference log-probs for {split} ({len(dataset)} examples)")
             for i, batch in enumerate(batches, 1):
                 cached.fill(batch.indices, np.asarray(self.scorer.live_logps(batch)))
-                self.computed_rows += len(batch.lengths)
+                self.computed_rows += batch.num_examples
                 bar.update(i, {})
             bar.close()
         self.flush()

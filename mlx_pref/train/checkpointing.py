@@ -90,7 +90,7 @@ def resumed_config(run_dir: Path, overrides: dict | None) -> tuple[Config, list[
     changed = sorted(
         f.name
         for f in dataclasses.fields(Config)
-        if getattr(config, f.name) != getattr(saved, f.name)
+        if f.compare and getattr(config, f.name) != getattr(saved, f.name)
     )
     refused = [k for k in changed if k not in RESUMABLE]
     if refused:

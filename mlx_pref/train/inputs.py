@@ -25,6 +25,7 @@ from mlx_pref.losses import (
     mean_pool,
     sample_prompt_indices,
 )
+from mlx_pref.progress import Progress
 from mlx_pref.reference import reference_weights
 
 
@@ -88,18 +89,26 @@ class UDM:
     undesirable row a clipped density-ratio weight. Fitted at first use, on a sample of
     the training prompts; weights are computed once per split."""
 
-    def __init__(self, cfg, model, train_set: Dataset, log: Callable[[str], None]):
+    def __init__(
+        self, cfg, model, train_set: Dataset, log: Callable[[str], None], progress: bool = False
+    ):
         self.cfg, self.model, self.train_set, self.log = cfg, model, train_set, log
+        self.progress = progress
         self.classifier = None
         self.weights: dict[str, np.ndarray] = {}
 
     def embed(self, prompts: list[tuple[int, ...]]) -> np.ndarray:
+        """Mean-pooled last hidden states of ``prompts`` (a pass over them, with a progress
+        bar: every prompt of a split is embedded once)."""
         split = split_lm(self.model)
         if split is None:
             raise ConfigError("bco_udm needs a llama-family model whose hidden states can be read")
         body, out = split[0], []
+        starts = range(0, len(prompts), 16)
+        bar = Progress(len(starts), enabled=self.progress, unit="batch", plain_lines=True)
+        bar.message(f"bco_udm: embedding {len(prompts)} prompts")
         with reference_weights(self.model, None):
-            for i in range(0, len(prompts), 16):
+            for n, i in enumerate(starts, 1):
                 chunk = prompts[i : i + 16]
                 width = max(len(p) for p in chunk)
                 ids = np.zeros((len(chunk), width), dtype=np.int32)
@@ -108,6 +117,8 @@ class UDM:
                     ids[k, : len(p)], mask[k, : len(p)] = p, 1.0
                 pooled = mean_pool(body(mx.array(ids)), mx.array(mask))
                 out.append(np.asarray(pooled.astype(mx.float32)))
+                bar.update(n, {})
+        bar.close()
         return np.concatenate(out)
 
     def fit(self) -> None:

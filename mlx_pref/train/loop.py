@@ -9,6 +9,7 @@ non-finite steps. ``Trainer.resume`` continues a run from its last intact checkp
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from pathlib import Path
@@ -73,9 +74,14 @@ class Trainer:
             cfg.model, quantization_bits=cfg.quantization_bits, dtype=cfg.dtype,
             dequantize=cfg.dequantize,
         )  # fmt: skip
+        # What was chosen for the base, recorded so that a resume and exports agree with it.
+        quantization = cfg.quantization if self.loaded.quantization_bits else None
+        self.config = cfg = dataclasses.replace(
+            cfg, dequantize=self.loaded.dequantized, quantization=quantization
+        )
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
         backend.set_wired_limit()  # Metal: keep the weights resident between steps
-        for note in self.loaded.notes:
+        for note in [*cfg.notes, *self.loaded.notes]:  # foreign names read, the base's dtype
             self.log(note)
         self.adapter_config, sft_weights = attach_adapters(self.model, cfg.lora, cfg.adapter)
         if cfg.grad_checkpoint:
@@ -110,7 +116,7 @@ class Trainer:
             reference, supplied_inputs(cfg.loss, vars(cfg)), beta=cfg.beta,
         )  # fmt: skip
         if cfg.bco_udm:
-            self.objective.udm = UDM(cfg, self.model, self.train_set, self.log)
+            self.objective.udm = UDM(cfg, self.model, self.train_set, self.log, self.verbose)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.optimizer = optim.AdamW(
             learning_rate=lr_schedule(cfg, self.total_steps), weight_decay=cfg.weight_decay

@@ -59,9 +59,16 @@ class StepResult:
     """False: the step was skipped (non-finite loss or gradient)."""
 
 
+def warmup_steps(cfg, total_steps: int) -> int:
+    """``warmup_steps``, or ``warmup_ratio`` of the run's steps rounded up (as transformers
+    does), never more than the run has."""
+    steps = math.ceil(total_steps * cfg.warmup_ratio) if cfg.warmup_ratio else cfg.warmup_steps
+    return min(steps, total_steps)
+
+
 def lr_schedule(cfg, total_steps: int) -> Callable[[mx.array], mx.array]:
     """Linear warmup from 0, then constant, linear decay to 0, or cosine decay to 0."""
-    peak, warm = cfg.learning_rate, min(cfg.warmup_steps, total_steps)
+    peak, warm = cfg.learning_rate, warmup_steps(cfg, total_steps)
     rest = max(total_steps - warm, 1)
     decay = {
         "constant": lambda: lambda step: mx.array(peak),

@@ -48,7 +48,7 @@ def sweep(
                 final = {k: v for r in records for k, v in r.items()}
                 results.append((sub.loss, final))
                 continue
-        elif first is not None and first.config is sub:
+        elif first is not None and first.config.output == sub.output:
             trainer, first = first, None
         else:
             trainer = Trainer(sub, verbose=verbose)
