@@ -30,6 +30,15 @@ SPLIT_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smol
 HEAD_CHUNK_ROWS = 1024
 
 
+@dataclass(frozen=True)
+class Recompute:
+    """What the backward pass recomputes instead of keeping (the memory plan decides):
+    each attention block's probabilities, and each LM-head chunk's logits."""
+
+    attention: bool = False
+    head: bool = False
+
+
 @dataclass
 class SequenceLogps:
     """Per-sequence sums and the per-token values they came from."""
@@ -116,23 +125,34 @@ def _head_logps(logits: mx.array, targets: mx.array, with_p2: bool):
 
 
 def score_hidden(
-    hidden: mx.array, head: Callable, index: np.ndarray, targets: np.ndarray, with_p2: bool
+    hidden: mx.array,
+    head: Callable,
+    index: np.ndarray,
+    targets: np.ndarray,
+    with_p2: bool,
+    recompute: bool = False,
 ) -> tuple[mx.array, mx.array | None]:
     """Log-probs of ``targets`` predicted by the hidden states at flat positions ``index``
-    (the head in row chunks)."""
+    (the head in row chunks; with ``recompute``, each chunk's logits are computed again
+    in the backward pass instead of being kept: the head must then be frozen)."""
     if len(index) == 0:
         empty = mx.zeros((0,), dtype=mx.float32)
         return empty, (empty if with_p2 else None)
     hidden = hidden.reshape(-1, hidden.shape[-1])[mx.array(index.astype(np.int32))]
     targets = mx.array(targets)
-    pieces = [
-        _head_logps(
-            head(hidden[i : i + HEAD_CHUNK_ROWS]), targets[i : i + HEAD_CHUNK_ROWS], with_p2
-        )
-        for i in range(0, len(index), HEAD_CHUNK_ROWS)
-    ]
-    token_logps = mx.concatenate([p[0] for p in pieces])
-    return token_logps, mx.concatenate([p[1] for p in pieces]) if with_p2 else None
+
+    def chunk(i: int):
+        def logps(h: mx.array):
+            out = _head_logps(head(h), targets[i : i + HEAD_CHUNK_ROWS], with_p2)
+            return out if with_p2 else out[0]
+
+        rows = hidden[i : i + HEAD_CHUNK_ROWS]
+        return mx.checkpoint(logps)(rows) if recompute else logps(rows)
+
+    pieces = [chunk(i) for i in range(0, len(index), HEAD_CHUNK_ROWS)]
+    if not with_p2:
+        return mx.concatenate(pieces), None
+    return mx.concatenate([p[0] for p in pieces]), mx.concatenate([p[1] for p in pieces])
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -207,7 +227,7 @@ def packed_logps(
     *,
     with_p2: bool = False,
     share_prompt: bool = True,
-    recompute_attention: bool = False,
+    recompute: Recompute = Recompute(),
 ) -> SequenceLogps | None:
     """Summed completion log-probs of every row of ``batch`` from one packed row, or None
     for a model the packing hooks do not fit."""
@@ -216,11 +236,13 @@ def packed_logps(
         return None
     body, head = split
     packed = pack(batch, share_prompt, sequence_multiple())
-    layout = attention.PackedAttention(packed.segments, recompute=recompute_attention)
+    layout = attention.PackedAttention(packed.segments, recompute=recompute.attention)
     positions = mx.array(packed.segments.position.astype(np.int32))
     caches = [attention.PackedContext(layout, positions) for _ in body.layers]
     hidden = body(mx.array(packed.tokens[None]), cache=caches)
-    token_logps, p2 = score_hidden(hidden, head, packed.index, packed.targets, with_p2)
+    token_logps, p2 = score_hidden(
+        hidden, head, packed.index, packed.targets, with_p2, recompute.head
+    )
     n = len(batch.lengths)
     sums = row_sums(token_logps, packed.rows, n)
     return SequenceLogps(sums, token_logps, packed.rows, packed.cols, n, p2)
@@ -253,19 +275,19 @@ def sequence_logps(
     with_p2: bool = False,
     share_prompt: bool = True,
     layout: str = "auto",
-    recompute_attention: bool = False,
+    recompute: Recompute = Recompute(),
 ) -> SequenceLogps:
     """Summed completion log-probs for every row of ``batch``.
 
     ``layout``: ``packed`` (one row, no padding; ``share_prompt`` runs a pair's prompt
     once), ``padded`` (right-padded rows), or ``auto`` (packed where the model allows).
     ``with_p2`` also returns ``log Σ_v p_v²`` per scored token (WPO).
-    ``recompute_attention`` keeps no attention probabilities for the backward pass.
+    ``recompute``: what the backward pass computes again instead of keeping.
     """
     if layout != "padded":
         out = packed_logps(
             model, batch, with_p2=with_p2, share_prompt=share_prompt,
-            recompute_attention=recompute_attention,
+            recompute=recompute,
         )  # fmt: skip
         if out is not None or layout == "packed":
             if out is None:

@@ -146,10 +146,10 @@ def quantize_base(model: nn.Module, bits: int) -> None:
     nn.quantize(model, group_size=QUANT_GROUP_SIZE, bits=bits, class_predicate=_quantizable)
 
 
-def enable_grad_checkpoint(model: nn.Module) -> None:
-    """Recompute each transformer block in the backward pass instead of storing its
-    activations: less memory for about one more forward pass of compute."""
-    for layer in model.layers:
+def enable_grad_checkpoint(model: nn.Module, every: int = 1) -> None:
+    """Recompute every ``every``-th transformer block in the backward pass instead of
+    storing its activations: less memory for about one more forward pass of compute."""
+    for layer in model.layers[::every]:
         cls = type(layer)
         if getattr(cls, "_checkpointed", False):
             continue

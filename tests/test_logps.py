@@ -12,7 +12,7 @@ from mlx_lm.models.llama import Model, ModelArgs
 from mlx_pref.adapters import apply_lora
 from mlx_pref.config import LoraConfig
 from mlx_pref.data.batching import PairExample, UnpairedExample, collate
-from mlx_pref.logps import pack, row_logps, sequence_logps
+from mlx_pref.logps import Recompute, pack, row_logps, sequence_logps
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ LAYOUTS = {
     "padded": {"layout": "padded"},
     "packed": {"layout": "packed"},
     "packed, prompts not shared": {"layout": "packed", "share_prompt": False},
-    "packed, attention recomputed": {"layout": "packed", "recompute_attention": True},
+    "packed, recomputed": {"layout": "packed", "recompute": Recompute(attention=True, head=True)},
 }
 
 
