@@ -5,9 +5,11 @@ from mlx_pref.config.checks import (
     DATA_FORMATS,
     DTYPES,
     EXPORT_FORMATS,
+    FINE_TUNE_TYPES,
     LR_SCHEDULES,
     QUANTIZATION_BITS,
     REFERENCES,
+    REPORT_TO,
     TRUNCATION_MODES,
 )
 from mlx_pref.config.load import config_from_dict, load_config, merge, read_yaml
@@ -17,9 +19,11 @@ __all__ = [
     "DATA_FORMATS",
     "DTYPES",
     "EXPORT_FORMATS",
+    "FINE_TUNE_TYPES",
     "LR_SCHEDULES",
     "QUANTIZATION_BITS",
     "REFERENCES",
+    "REPORT_TO",
     "RUN_CONFIG",
     "TRUNCATION_MODES",
     "Config",
