@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlx_pref.checkpoint import CHECKPOINTS
 from mlx_pref.config import EXPORT_FORMATS
-from mlx_pref.export.fused import write_fused
+from mlx_pref.export.fused import write_full, write_fused
 from mlx_pref.export.hub import push_to_hub, validate_repo_id
 from mlx_pref.export.mlx import write_mlx
 from mlx_pref.export.peft import write_peft
@@ -62,6 +62,14 @@ def export_run(
     # An adapter trained on dequantized weights is fused into dequantized weights.
     dequantize = dequantize or (fmt == "fused" and run.config.dequantize)
     writer = {"mlx": write_mlx, "peft": write_peft, "fused": write_fused}[fmt]
+    if run.full:
+        if fmt == "peft":
+            raise ExportError(
+                f"{run_dir} is a full fine-tuning run: it has no adapter to write in PEFT's "
+                "format; --format fused (or mlx) writes the whole model, which transformers "
+                "loads with from_pretrained"
+            )
+        writer = write_full
     return _write_folder(
         output,
         lambda tmp: writer(run, info, tmp, Destination(output, repo_id), dequantize),
