@@ -68,13 +68,12 @@ class WandB:
             import wandb
         except ImportError:
             raise _missing("wandb", "wandb") from None
-        (run_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", "mlx-pref"),
             name=run_dir.name,
             id=run_id,
             resume="allow",
-            dir=str(run_dir / WANDB_DIR),
+            dir=str(run_dir),  # wandb keeps its files in dir/wandb
             config=config,
         )
 

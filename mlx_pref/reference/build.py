@@ -86,6 +86,8 @@ def make_reference(
         reason = "each row is scored the first time a step uses it and kept on disk"
         if isinstance(scorer, StartingWeights):
             reason = scorer.reason
+        elif isinstance(scorer, FrozenCopy):
+            reason = f"{scorer.reason}; {reason}"
         if cfg.reference == "auto":
             reason = "auto: " + reason
         # Everything about the scoring model that changes its values (the examples and
@@ -136,11 +138,12 @@ def full_fine_tuning_scorer(cfg, loaded: LoadedModel) -> Reference:
     )
 
 
-def start_reference(reference: Reference, datasets: dict) -> None:
+def start_reference(reference: Reference, datasets: dict, orders: dict | None = None) -> None:
     """Attach the run's datasets; a reference scored from the starting weights of a full
-    fine-tuning run scores every row now, while the policy still holds them."""
+    fine-tuning run scores every row now, while the policy still holds them, in the
+    batches ``orders`` gives (the ones the run uses)."""
     reference.attach(datasets)
     scorer = getattr(reference, "scorer", None)
     if isinstance(scorer, StartingWeights) and not scorer.sealed:
-        reference.prepare(datasets)
+        reference.prepare(datasets, orders)
         scorer.seal()

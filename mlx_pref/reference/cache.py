@@ -21,7 +21,7 @@ import numpy as np
 
 from mlx_pref.backend import all_sum, distributed_group
 from mlx_pref.checkpoint import write_atomic
-from mlx_pref.data.batching import Batch, drawn_from, iterate_batches
+from mlx_pref.data.batching import Batch, collate, drawn_from, iterate_batches
 from mlx_pref.progress import Progress
 from mlx_pref.reference.strategies import Reference
 
@@ -193,17 +193,20 @@ class Cached(Reference):
             self.computed_rows += len(batch.lengths)
         return mx.array(cached.rows(idx))
 
-    def prepare(self, datasets: dict) -> None:
-        """Score every row not yet cached (each process its share), then save."""
+    def prepare(self, datasets: dict, orders: dict | None = None) -> None:
+        """Score every row not yet cached (each process its share), then save. ``orders``:
+        this process's batches of a split, as index arrays (the batches the run will
+        use, so the values are those a live pass over them gives, to the last bit)."""
         self.attach(datasets)
         group = distributed_group()
         for split, dataset in self.datasets.items():
             cached = self._split(split)
-            batches = [
-                b
-                for b in iterate_batches(dataset.examples, CACHE_BATCH_SIZE, seed=0, epoch=0)
-                if not cached.known[b.indices].all()
-            ][group.rank() :: group.size()]
+            if orders and split in orders:
+                todo = [collate([dataset.examples[i] for i in idx], idx) for idx in orders[split]]
+            else:
+                todo = list(iterate_batches(dataset.examples, CACHE_BATCH_SIZE, seed=0, epoch=0))
+                todo = todo[group.rank() :: group.size()]
+            batches = [b for b in todo if not cached.known[b.indices].all()]
             if not batches:
                 continue
             bar = Progress(len(batches), enabled=self.show_progress)

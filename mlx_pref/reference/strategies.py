@@ -105,7 +105,7 @@ class Reference(ABC):
         """The datasets whose rows ``logps(batch, split)`` will be asked about, by split."""
         self.held_out = {k: v for k, v in self.held_out.items() if k[0] not in datasets}
 
-    def prepare(self, datasets: dict) -> None:  # noqa: B027 (only the cache acts)
+    def prepare(self, datasets: dict, orders: dict | None = None) -> None:  # noqa: B027
         """Score every row of these datasets now (only the cache keeps anything)."""
 
     def flush(self) -> None:  # noqa: B027 (only the cache acts)

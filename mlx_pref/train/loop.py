@@ -31,7 +31,7 @@ from mlx_pref.reference import make_reference, refresh, start_reference
 from mlx_pref.reporting import Reporters
 from mlx_pref.rundir import check_output, claim, read_marker, record
 from mlx_pref.train import checkpointing
-from mlx_pref.train.evaluation import evaluate_dataset
+from mlx_pref.train.evaluation import eval_order, evaluate_dataset
 from mlx_pref.train.header import Eta, header_lines
 from mlx_pref.train.inputs import UDM
 from mlx_pref.train.preflight import check_hub_login, check_loss_fits_data
@@ -94,7 +94,10 @@ class Trainer:
             cfg, self.loaded, sft_weights=self.trainable.start_weights,
             steps_per_epoch=self.steps_per_epoch, log=self.log, show_progress=self.verbose,
         )  # fmt: skip
-        start_reference(reference, {"train": self.train_set, "eval": self.eval_set})
+        orders = {"train": self.plan.epoch(0)}  # the batches steps and evaluations use
+        if self.eval_set is not None:
+            orders["eval"] = eval_order(cfg, self.eval_set, self.world, rank)
+        start_reference(reference, {"train": self.train_set, "eval": self.eval_set}, orders)
         self.objective = Objective(
             self.model, cfg, prepare_loss(cfg.loss, label_smoothing=cfg.label_smoothing,
                                           **cfg.loss_params),

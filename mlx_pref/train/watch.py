@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from mlx_pref.checkpoint import write_verified_folder
-from mlx_pref.errors import ConfigError
+from mlx_pref.errors import ConfigError, suggest
 
 BEST = "best"
 BEST_INFO = "best.json"
@@ -66,10 +66,10 @@ class EvalWatch:
         if not self.active or not metrics:
             return False
         if self.metric not in metrics:
-            known = ", ".join(k for k in sorted(metrics) if k.startswith("eval/"))
-            raise ConfigError(
-                f"save_best: the evaluation has no metric {self.metric}; it has {known}"
-            )
+            known = sorted(k for k in metrics if k.startswith("eval/"))
+            close = suggest(self.metric, known)
+            hint = f"did you mean '{close}'?" if close else f"it has {', '.join(known)}"
+            raise ConfigError(f"save_best: the evaluation has no metric {self.metric}; {hint}")
         value = metrics[self.metric]
         if not math.isfinite(value):
             improved = by_margin = False
