@@ -42,7 +42,7 @@ def _scalars(record: dict) -> dict[str, float]:
 
 
 class TensorBoard:
-    def __init__(self, run_dir: Path, config: dict, start_step: int, run_id: str):
+    def __init__(self, run_dir: Path, config: dict, start_step: int, run_id: str | None):
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
@@ -63,7 +63,7 @@ class TensorBoard:
 
 
 class WandB:
-    def __init__(self, run_dir: Path, config: dict, start_step: int, run_id: str):
+    def __init__(self, run_dir: Path, config: dict, start_step: int, run_id: str | None):
         try:
             import wandb
         except ImportError:
@@ -98,8 +98,15 @@ class Reporters:
         """The names the tools write in the run directory (listed in its marker)."""
         return [FOLDERS[name] for name in self.names]
 
-    def open(self, run_dir: Path, config: dict, start_step: int, run_id: str) -> None:
+    def open(self, run_dir: Path, config: dict, start_step: int) -> None:
+        """Start each tool for the run in ``run_dir`` (its marker's id names the W&B run)."""
+        from mlx_pref.rundir import read_marker
+
         self.close()
+        if not self.names:
+            return
+        marker = read_marker(run_dir)
+        run_id = marker.id if marker else None
         for name in self.names:
             self.open_tools.append(TOOLS[name](Path(run_dir), config, start_step, run_id))
 

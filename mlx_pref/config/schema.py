@@ -152,7 +152,7 @@ class Config:
     keep_last: int | None = 3
     max_nonfinite: int = 5
     """Stop (with a checkpoint) after this many non-finite steps in a row."""
-    report_to: list[str] = field(default_factory=list)
+    report_to: list[str] | None = field(default_factory=list)
     """Also log every metric to these tools: ``tensorboard``, ``wandb`` (``none``: neither)."""
     # sharing
     push_to_hub: str | None = None
@@ -165,8 +165,8 @@ class Config:
             self.lora = dataclasses.replace(self.lora, dora=True)
         elif self.fine_tune == "lora" and self.lora.dora:
             self.fine_tune = "dora"
-        if isinstance(self.report_to, str):
-            self.report_to = [self.report_to]
+        if isinstance(self.report_to, str) or self.report_to is None:
+            self.report_to = [self.report_to] if self.report_to else []
         self.report_to = [name for name in self.report_to if name != "none"]
         if self.save_best is not None and not self.save_best.startswith("eval/"):
             self.save_best = f"eval/{self.save_best}"  # `save_best: loss` means eval/loss

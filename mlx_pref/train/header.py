@@ -84,6 +84,11 @@ class Eta:
         self.eval_seconds: float | None = None
         self.done = False
 
+    def timed_eval(self, seconds: float, scored_reference: bool) -> None:
+        """Time an evaluation, unless it also scored reference rows (a first pass)."""
+        if self.eval_seconds is None and not scored_reference:
+            self.eval_seconds = seconds
+
     def after_step(self, step: int, step_time: float) -> str | None:
         """The ETA line, once, when enough steps are timed; else None."""
         if self.done or step - self.start <= 1:  # the first step warms caches up
@@ -95,13 +100,14 @@ class Eta:
         per_step = sum(self.times) / len(self.times)
         left = self.total - step
         evals = left // self.eval_every + 1
-        eval_part = ""
         seconds = left * per_step
         if self.eval_seconds is not None:
             seconds += evals * self.eval_seconds
-            eval_part = f" and {evals} evaluations ({self.eval_seconds:.2g} s each)"
+            what = f"{left} steps and {evals} evaluations ({self.eval_seconds:.2g} s each)"
+        else:
+            what = f"{left} steps (evaluations not timed yet, not counted)"
         finish = time.strftime("%H:%M", time.localtime(time.time() + seconds))
         return (
-            f"timed: {per_step:.3g} s/step; {left} steps{eval_part} left: about "
-            f"{_clock(seconds)} (ends near {finish})"
+            f"timed: {per_step:.3g} s/step; {what} left: about {_clock(seconds)} "
+            f"(ends near {finish})"
         )

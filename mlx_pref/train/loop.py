@@ -29,7 +29,7 @@ from mlx_pref.models import LoadedModel, enable_grad_checkpoint, load_model
 from mlx_pref.progress import METRICS_FILE, MetricsLog, Progress, format_metrics
 from mlx_pref.reference import make_reference, refresh, start_reference
 from mlx_pref.reporting import Reporters
-from mlx_pref.rundir import check_output, claim, read_marker, record
+from mlx_pref.rundir import check_output, claim, record
 from mlx_pref.train import checkpointing
 from mlx_pref.train.evaluation import eval_order, evaluate_dataset
 from mlx_pref.train.header import Eta, header_lines
@@ -191,8 +191,7 @@ class Trainer:
         last: dict[str, float] = {}
         self.stop.install()
         try:
-            run_id = (read_marker(self.run_dir) or claim(self.run_dir, "run")).id
-            self.reporters.open(self.run_dir, cfg.to_dict(), self.step, run_id)
+            self.reporters.open(self.run_dir, cfg.to_dict(), self.step)
             if self.step == 0 and cfg.eval_on_start and self.eval_set is not None:
                 last = self._log_eval()
             while not self.finished:
@@ -293,6 +292,7 @@ class Trainer:
 
     def _log_eval(self) -> dict:
         t0 = time.perf_counter()
+        scored = getattr(self.reference, "computed_rows", 0)
         metrics = self.evaluate()
         if self.config.generate_during_eval and self.is_main:
             for row in self.generate_samples():
@@ -309,8 +309,8 @@ class Trainer:
         mx.clear_cache()  # evaluation's buffers are not the training step's
         elapsed = time.perf_counter() - t0
         self.progress.exclude(elapsed)
-        if self.eta is not None and self.eta.eval_seconds is None:
-            self.eta.eval_seconds = elapsed
+        if self.eta is not None:  # an evaluation that scored the reference is not typical
+            self.eta.timed_eval(elapsed, scored != getattr(self.reference, "computed_rows", 0))
         return metrics
 
 
