@@ -114,11 +114,10 @@ def sources_for(
         plain = [Source(f"{name} (base)", model)] if base else []
         return [*plain, Source(adapter, model, Path(adapter))]
     pairs = [run_sources(r) for r in run_dirs]
-    bases: list[Source] = []
-    for _, b in pairs:
-        if base and all((b.model, b.quantization_bits, b.dtype) !=
-                        (o.model, o.quantization_bits, o.dtype) for o in bases):  # fmt: skip
-            bases.append(b)
+    distinct: dict[tuple, Source] = {}
+    for _, b in pairs if base else []:
+        distinct.setdefault((b.model, b.quantization_bits, b.dtype, b.dequantize), b)
+    bases = list(distinct.values())
     if len(bases) > 1:
         for b in bases:
             b.label = f"base ({b.model or 'embedded model'})"

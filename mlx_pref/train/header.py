@@ -47,7 +47,9 @@ def header_lines(trainer) -> list[str]:
     else:
         params = trainer.adapter_config["lora_parameters"]
         kind_name = "DoRA" if trainer.adapter_config.get("fine_tune_type") == "dora" else "LoRA"
-        what = f"{kind_name} rank {params['rank']} on {len(params['keys'])} modules per block"
+        keys = params.get("keys")
+        where = f"{len(keys)} modules per block" if keys else "mlx-lm's default modules"
+        what = f"{kind_name} rank {params['rank']} on {where}"
     lines.append(
         f"trainable parameters: {100 * trainable / max(total, 1):.3f}% "
         f"({_millions(trainable)}/{_millions(total)}), {what}"

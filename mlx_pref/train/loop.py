@@ -74,6 +74,7 @@ class Trainer:
         set_compile(cfg.compile)
         self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer)
         check_loss_fits_data(cfg.loss, self.train_set, self.eval_set)
+        self.watch = EvalWatch(cfg, has_eval=self.eval_set is not None)
         if (cfg.use_weighting or cfg.ld_alpha is not None) and not self.train_set.paired:
             raise ConfigError(
                 "use_weighting (WPO) and ld_alpha (LD-DPO) weigh pairs: they need paired data"
@@ -117,7 +118,6 @@ class Trainer:
         self.samples_log = MetricsLog(self.run_dir, enabled=self.is_main, name=SAMPLES_FILE)
         self.progress.total = self.total_steps
         self.stop = StopRequest(self.log)
-        self.watch = EvalWatch(cfg, has_eval=self.eval_set is not None)
         self.reporters = Reporters(cfg.report_to, enabled=self.is_main)
         self.eta: Eta | None = None
         self.resumed = False
