@@ -48,7 +48,11 @@ class TensorBoard:
         except ImportError:
             raise _missing("tensorboard", "tensorboardX") from None
         purge = start_step + 1 if start_step > 0 else None  # events past the checkpoint go
-        self.writer = SummaryWriter(logdir=str(run_dir / TENSORBOARD_DIR), purge_step=purge)
+        self.writer = SummaryWriter(
+            logdir=str(run_dir / TENSORBOARD_DIR),
+            purge_step=purge,
+            filename_suffix=f".step{start_step}",  # a resumed run's file never replaces one
+        )
         if start_step == 0:
             text = yaml.safe_dump(config, sort_keys=False)
             self.writer.add_text("config", "    " + text.replace("\n", "\n    "), 0)

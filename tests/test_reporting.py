@@ -160,3 +160,28 @@ def test_the_run_header_says_what_trains_and_what_a_step_costs(make_config):
     timed = [line for line in lines if line.startswith("timed:")]
     assert len(timed) == 1 and "2 steps and 1 evaluations" in timed[0]
     assert lines.index(header[0]) < lines.index(timed[0])
+
+
+def test_a_resumed_run_adds_an_event_file_that_purges_past_its_checkpoint(make_config):
+    pytest.importorskip("tensorboardX")
+    import shutil
+
+    from tensorboardX.proto import event_pb2
+
+    cfg = make_config(max_steps=4, eval_every=2, report_to="tensorboard")
+    Trainer(cfg, verbose=False).train()
+    shutil.rmtree(Path(cfg.output) / "checkpoints" / "step-00000004")  # as if killed at step 4
+    Trainer.resume(cfg.output, verbose=False).train()  # from step 2
+    folder = Path(cfg.output) / "tensorboard"
+    first, second = sorted(folder.glob("events.out.tfevents.*"), key=lambda p: p.name[-6:])
+    assert first.name.endswith(".step0") and second.name.endswith(".step2")
+    starts = [
+        event.step
+        for event in map(event_pb2.Event.FromString, records(second))
+        if event.HasField("session_log") and event.session_log.status == 1  # START
+    ]
+    assert starts == [3]  # TensorBoard drops the first file's events from step 3 on
+    scalars, _ = tensorboard_scalars(folder)
+    expected = {(r["step"], k): v for r in read_metrics(cfg.output) for k, v in r.items()
+                if k != "step"}  # fmt: skip
+    assert set(scalars) == set(expected)
