@@ -71,8 +71,24 @@ def write_checkpoint(
 ) -> Path:
     """Atomically create the checkpoint for ``step``; ``write_files(tmp_dir)`` fills it.
     An intact checkpoint for the step is kept as it is."""
-    final = checkpoint_dir(run_dir, step)
-    if final.exists() and verify(final) is None:
+    final = write_verified_folder(checkpoint_dir(run_dir, step), write_files, step=step)
+    if keep_last:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def write_verified_folder(
+    final: Path,
+    write_files: Callable[[Path], None],
+    *,
+    step: int | None = None,
+    replace: bool = False,
+) -> Path:
+    """Create the folder ``final`` atomically: ``write_files(tmp_dir)`` fills a temporary
+    sibling, every file is fsynced, a manifest of sizes and SHA-256s is written last, and
+    the folder is renamed into place. An intact ``final`` is kept unless ``replace``."""
+    if final.exists() and verify(final) is None and not replace:
         return final
     tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
     try:
@@ -90,14 +106,16 @@ def write_checkpoint(
     except (OSError, RuntimeError, WriteError) as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         detail = str(exc) if isinstance(exc, WriteError) else _reason(exc)
-        raise WriteError(f"cannot write checkpoint {final}: {detail}") from None
+        what = "checkpoint" if step is not None else "folder"
+        raise WriteError(f"cannot write {what} {final}: {detail}") from None
     if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
     _fsync(final.parent)
-    if keep_last:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -145,3 +145,40 @@ def test_a_loss_sweep_shares_one_reference_and_prints_a_table(make_config, tmp_p
     assert len(list(cache.glob("*.safetensors"))) == 2  # train and eval, scored once for all
     again = CliRunner().invoke(cli, ["train", str(path), "--loss", "dpo,ipo,simpo", "--quiet"])
     assert again.exit_code == 0 and again.output == result.output  # finished runs are reused
+
+
+def test_set_any_key_and_the_common_flags(make_config, tmp_path):
+    cfg = make_config(max_steps=1)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    result = CliRunner().invoke(
+        cli,
+        ["train", str(path), "--set", "lora.alpha=32", "--set", "beta=0.25", "--set",
+         "lora.target_modules=[q_proj, v_proj]", "--beta", "0.3", "--warmup-steps", "1",
+         "--lr-schedule", "cosine", "--dtype", "float32", "--format", "conversational",
+         "--grad-checkpoint", "--lora-alpha", "24", "--set", "lora.dropout=0.1", "--quiet"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    saved = yaml.safe_load((Path(cfg.output) / "config.yaml").read_text())
+    assert saved["lora"] == {"r": 4, "alpha": 24.0, "dropout": 0.1, "layers": None, "dora": False,
+                             "target_modules": ["q_proj", "v_proj"]}  # fmt: skip
+    assert saved["beta"] == 0.3  # a named flag wins over --set
+    assert (saved["warmup_steps"], saved["lr_schedule"], saved["dtype"]) == (1, "cosine", "float32")
+    assert saved["format"] == "conversational" and saved["grad_checkpoint"] is True
+    alpha = CliRunner().invoke(cli, ["train", str(path), "--set", "lora.alpha=32", "--overwrite",
+                                     "--quiet"])  # fmt: skip
+    assert alpha.exit_code == 0, alpha.output
+    assert yaml.safe_load((Path(cfg.output) / "config.yaml").read_text())["lora"]["alpha"] == 32
+
+
+def test_every_unknown_key_is_reported_at_once(tmp_path):
+    result = run("train", "--set", "los=dpo", "--set", "betta=0.2", "--set", "lora.rnk=4")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: unknown keys: 'los' (did you mean 'loss'?), 'betta' (did you mean 'beta'?), "
+        "lora 'rnk' (did you mean 'r'?)"
+    )
+    bad = run("train", "--set", "lora.alpha")
+    assert (
+        bad.stderr.strip() == "error: --set 'lora.alpha': write KEY=VALUE, e.g. --set lora.alpha=32"
+    )

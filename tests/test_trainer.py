@@ -75,7 +75,10 @@ def test_metrics_use_trl_names(make_config):
     records = read_metrics(cfg.output)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval/loss" in r]
-    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [2]
+    assert [r["step"] for r in train] == [1, 2] and [r["step"] for r in evals] == [0, 2]
+    # The step-0 baseline: adapters start at zero, so the policy is the reference.
+    assert evals[0]["eval/loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert evals[0]["eval/rewards/margins"] == 0.0
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected", "beta", "learning_rate", "tokens_per_sec",
                 "peak_memory_gb"):  # fmt: skip
@@ -83,8 +86,8 @@ def test_metrics_use_trl_names(make_config):
         if key in ("beta", "learning_rate", "tokens_per_sec", "peak_memory_gb"):
             continue
         assert f"eval/{key}" in evals[0]
-    assert evals[0]["eval/rewards/margins"] == pytest.approx(
-        evals[0]["eval/rewards/chosen"] - evals[0]["eval/rewards/rejected"], abs=1e-6
+    assert evals[1]["eval/rewards/margins"] == pytest.approx(
+        evals[1]["eval/rewards/chosen"] - evals[1]["eval/rewards/rejected"], abs=1e-6
     )
 
 
@@ -318,7 +321,9 @@ def test_generate_during_eval_writes_policy_and_reference_samples(make_config):
     rows = [
         json.loads(line) for line in (Path(cfg.output) / "samples.jsonl").read_text().splitlines()
     ]
-    assert [r["step"] for r in rows] == [2, 2]
+    assert [r["step"] for r in rows] == [0, 0, 2, 2]  # the step-0 baseline, then step 2
+    assert all(r["policy"] == r["reference"] for r in rows[:2])  # zero adapters at step 0
+    rows = rows[2:]
     prompts = list(dict.fromkeys(e.prompt for e in trainer.eval_set.examples))[:2]
     assert [r["prompt"] for r in rows] == [trainer.tokenizer.decode(list(p)) for p in prompts]
     assert all(isinstance(r["policy"], str) and r["policy"] for r in rows)

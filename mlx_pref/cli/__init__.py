@@ -2,7 +2,7 @@
 library. ``app.py`` holds the group and the entry point; one module per family of
 commands registers on it."""
 
-from mlx_pref.cli import data, export, tools, train
+from mlx_pref.cli import data, evaluate, export, generate, tools, train
 from mlx_pref.cli.app import cli, main
 
-__all__ = ["cli", "data", "export", "main", "tools", "train"]
+__all__ = ["cli", "data", "evaluate", "export", "generate", "main", "tools", "train"]

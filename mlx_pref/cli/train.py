@@ -7,24 +7,41 @@ from pathlib import Path
 import click
 
 from mlx_pref.cli.app import cli
-from mlx_pref.config import REFERENCES
+from mlx_pref.cli.options import parse_settings, set_option
+from mlx_pref.config import (
+    DATA_FORMATS,
+    DTYPES,
+    FINE_TUNE_TYPES,
+    LR_SCHEDULES,
+    QUANTIZATION_BITS,
+    REFERENCES,
+)
 from mlx_pref.errors import MlxPrefError
 
-# Flag name -> config key. Flags override the config file.
+# Flag name -> config key. Flags override --set, which overrides the config file.
 TRAIN_FLAGS = {
     "loss": "loss",
+    "fine_tune": "fine_tune",
     "model": "model",
     "data": "data",
     "eval_data": "eval_data",
+    "data_format": "format",
+    "eval_split": "eval_split",
     "output": "output",
     "max_steps": "max_steps",
     "epochs": "epochs",
     "batch_size": "batch_size",
     "grad_accum": "grad_accum",
     "learning_rate": "learning_rate",
+    "lr_schedule": "lr_schedule",
+    "warmup_steps": "warmup_steps",
     "beta": "beta",
     "max_length": "max_length",
     "lora_rank": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "dtype": "dtype",
+    "quantization": "quantization",
+    "grad_checkpoint": "grad_checkpoint",
     "seed": "seed",
     "eval_every": "eval_every",
     "save_every": "save_every",
@@ -32,12 +49,19 @@ TRAIN_FLAGS = {
     "ref_model": "ref_model",
     "reference": "reference",
     "adapter": "adapter",
+    "report_to": "report_to",
     "push_to_hub": "push_to_hub",
     "private": "hub_private",
 }
 
 
 RESUME_OUTPUT = "<the config's output>"
+
+
+def overrides_from(flags: dict, settings: tuple[str, ...] = ()) -> dict:
+    """Config overrides from ``--set`` values and named flags; a named flag wins."""
+    named = {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
+    return {**parse_settings(settings), **named}
 
 
 def run_inputs(cfg, config_path: str | None) -> list[str]:
@@ -53,20 +77,41 @@ def run_inputs(cfg, config_path: str | None) -> list[str]:
     "--model", help="Model directory or Hugging Face Hub id (default: embedded tiny model)."
 )
 @click.option(
+    "--fine-tune",
+    type=click.Choice(FINE_TUNE_TYPES),
+    help="lora or dora adapters (default: lora), or full: every weight.",
+)
+@click.option(
     "--data",
     help="Preference data: a file (JSON Lines, JSON, parquet, Arrow, CSV), a folder, or "
     "hf://owner/name[:split] (default: embedded data).",
 )
 @click.option("--eval-data", help="Held-out preference data file.")
+@click.option(
+    "--format", "data_format", type=click.Choice(DATA_FORMATS), help="Row format (default: auto)."
+)
+@click.option("--eval-split", type=float, help="Without --eval-data: hold out this fraction.")
 @click.option("--output", help="Run directory for adapters, checkpoints and metrics.")
 @click.option("--max-steps", type=int, help="Stop after this many optimizer steps.")
 @click.option("--epochs", type=int, help="Passes over the training data.")
 @click.option("--batch-size", type=int, help="Pairs (or rows) per micro-batch.")
 @click.option("--grad-accum", type=int, help="Micro-batches per optimizer step.")
 @click.option("--learning-rate", type=float, help="Peak learning rate.")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), help="Decay after warmup.")
+@click.option("--warmup-steps", type=int, help="Linear warmup steps from 0.")
 @click.option("--beta", type=float, help="Loss temperature beta.")
 @click.option("--max-length", type=int, help="Maximum prompt + completion tokens.")
 @click.option("--lora-rank", type=int, help="LoRA rank r.")
+@click.option("--lora-alpha", type=float, help="LoRA alpha (scale = alpha / r).")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Cast the base's float weights.")
+@click.option(
+    "--quantization", type=click.Choice(tuple(QUANTIZATION_BITS)), help="Quantize the base (QLoRA)."
+)
+@click.option(
+    "--grad-checkpoint/--no-grad-checkpoint",
+    default=None,
+    help="Recompute activations in the backward pass (less memory).",
+)
 @click.option("--seed", type=int, help="Seed for data order, adapter init and dropout.")
 @click.option("--eval-every", type=int, help="Evaluate every N steps.")
 @click.option("--save-every", type=int, help="Checkpoint every N steps.")
@@ -78,6 +123,7 @@ def run_inputs(cfg, config_path: str | None) -> list[str]:
     help="Where reference log-probs come from (default: auto).",
 )
 @click.option("--adapter", help="Start from this (SFT) adapter; the reference is base + it.")
+@click.option("--report-to", help="Also log to: tensorboard, wandb (comma-separated), or none.")
 @click.option("--push-to-hub", metavar="REPO_ID", help="Export and upload the adapter when done.")
 @click.option(
     "--private/--public", default=None, help="With --push-to-hub: a private (or public) repo."
@@ -92,7 +138,8 @@ def run_inputs(cfg, config_path: str | None) -> list[str]:
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing run in the output directory.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def train(config, resume, overwrite, quiet, **flags) -> None:
+@set_option
+def train(config, resume, overwrite, quiet, settings, **flags) -> None:
     """Train LoRA adapters with a preference loss.
 
     CONFIG is an optional YAML file; flags override it. With neither, trains the
@@ -113,7 +160,7 @@ def train(config, resume, overwrite, quiet, **flags) -> None:
         raise MlxPrefError(
             "--resume continues a run and --overwrite replaces one: pass one or the other"
         )
-    overrides = {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
+    overrides = overrides_from(flags, settings)
     cfg = load_config(config, overrides)
     if resume is not None:
         run_dir = cfg.output if resume == RESUME_OUTPUT else resume
@@ -149,25 +196,25 @@ def train(config, resume, overwrite, quiet, **flags) -> None:
 @click.option("--data", help="Preference data file.")
 @click.option("--eval-data", help="Held-out preference data file.")
 @click.option("--loss", help="Loss (decides whether a reference is needed).")
-def cache_ref(config, **flags) -> None:
+@set_option
+def cache_ref(config, settings, **flags) -> None:
     """Precompute the reference log-probs of a config's datasets into the cache."""
-    from mlx_pref.adapters import attach_adapters
     from mlx_pref.config import load_config
     from mlx_pref.data import load_datasets
     from mlx_pref.models import load_model
     from mlx_pref.reference import Cached, make_reference
+    from mlx_pref.trainable import make_trainable
 
-    overrides = {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
-    cfg = load_config(config, {**overrides, "reference": "cache"})
+    cfg = load_config(config, {**overrides_from(flags, settings), "reference": "cache"})
     loaded = load_model(
         cfg.model, quantization_bits=cfg.quantization_bits, dtype=cfg.dtype,
         dequantize=cfg.dequantize,
     )  # fmt: skip
     for note in [*cfg.notes, *loaded.notes]:
         click.echo(note)
-    _, sft_weights = attach_adapters(loaded.model, cfg.lora, cfg.adapter)
+    trainable = make_trainable(loaded, cfg)
     train_set, eval_set = load_datasets(cfg, loaded.tokenizer)
-    reference = make_reference(cfg, loaded, sft_weights=sft_weights, log=click.echo)
+    reference = make_reference(cfg, loaded, sft_weights=trainable.start_weights, log=click.echo)
     if not isinstance(reference, Cached):
         raise MlxPrefError(f"loss {cfg.loss} is reference-free: there is nothing to cache")
     reference.prepare({"train": train_set, "eval": eval_set})

@@ -28,6 +28,9 @@ TRUNCATION_MODES = ("keep_end", "keep_start")
 DATA_FORMATS = ("auto", "paired", "implicit", "conversational", "unpaired")
 REFERENCES = ("auto", "cache", "adapters-off", "model", "none")
 DTYPES = ("float32", "bfloat16", "float16")
+FINE_TUNE_TYPES = ("lora", "dora", "full")
+REPORT_TO = ("tensorboard", "wandb")
+"""The tools ``report_to`` logs to besides metrics.jsonl (``none``: neither)."""
 EXPORT_FORMATS = ("mlx", "peft", "fused", "gguf", "gguf-lora")
 """What ``mlx-pref export --format`` writes (``mlx_pref.export``)."""
 GGUF_QUANTS = ("f16", "q8_0", "q4_0", "f32")
@@ -51,11 +54,14 @@ def validate(cfg) -> None:
     check_optimisation(cfg)
     check_refresh_and_lora(cfg)
     check_reference(cfg)
+    check_full_fine_tuning(cfg)
+    check_evaluation(cfg)
     check_loss_options(cfg)
 
 
 def check_model_and_data(cfg) -> None:
     """Model, data and loss choices."""
+    _choice("fine_tune", cfg.fine_tune, FINE_TUNE_TYPES)
     _choice("quantization", cfg.quantization, (None, *QUANTIZATION_BITS))
     _choice("dtype", cfg.dtype, (None, *DTYPES))
     if cfg.quantization and cfg.dequantize:
@@ -194,7 +200,7 @@ def check_reference(cfg) -> None:
         )
     if cfg.ref_model and cfg.reference == "adapters-off":
         raise ConfigError("reference: adapters-off uses the policy's own base; drop ref_model")
-    if cfg.reference == "model" and not cfg.ref_model and needs:
+    if cfg.reference == "model" and not cfg.ref_model and needs and not cfg.full:
         raise ConfigError("reference: model needs ref_model (--ref-model DIR_OR_HUB_ID)")
     if cfg.sync_ref_model and cfg.ref_model_mixup_alpha < 1 and cfg.lora.dora:
         raise ConfigError(
@@ -204,6 +210,48 @@ def check_reference(cfg) -> None:
     if cfg.ld_alpha is not None and any(s.family != "dpo" for s in specs):
         others = ", ".join(s.name for s in specs if s.family != "dpo")
         raise ConfigError(f"ld_alpha (LD-DPO) applies to DPO-family losses, not to {others}")
+
+
+def check_full_fine_tuning(cfg) -> None:
+    """``fine_tune: full`` trains float weights and has no adapters to switch off."""
+    if not cfg.full:
+        return
+    if cfg.lora.dora:
+        raise ConfigError("fine_tune: full trains every weight; lora.dora does not apply")
+    if cfg.quantization:
+        raise ConfigError(
+            "fine_tune: full trains float weights; drop quantization (a quantized base "
+            "takes adapters: fine_tune: lora)"
+        )
+    if cfg.adapter:
+        raise ConfigError(
+            "fine_tune: full starts from a model, not an adapter: fuse the adapter into its "
+            "base first (mlx-pref export RUN --format fused) and pass that folder as model"
+        )
+    if cfg.reference == "adapters-off":
+        raise ConfigError(
+            "fine_tune: full has no adapters to switch off: use reference: cache (the "
+            "default: scored from the starting weights before the first step) or "
+            "reference: model (a frozen copy)"
+        )
+    if cfg.bco_udm:
+        raise ConfigError("bco_udm reads the frozen base, which fine_tune: full trains: use LoRA")
+
+
+def check_evaluation(cfg) -> None:
+    """Keep-best, early stopping and the reporting tools."""
+    for name in cfg.report_to:
+        _choice("report_to", name, (*REPORT_TO, "none"))
+    if cfg.save_best is not None and cfg.save_best == "eval/":
+        raise ConfigError(
+            "save_best names an eval metric, e.g. eval/loss or eval/rewards/accuracies"
+        )
+    if cfg.early_stopping_patience is not None:
+        _positive("early_stopping_patience", cfg.early_stopping_patience)
+    if cfg.early_stopping_threshold < 0:
+        raise ConfigError(
+            f"early_stopping_threshold must be >= 0, got {cfg.early_stopping_threshold}"
+        )
 
 
 def check_loss_options(cfg) -> None:

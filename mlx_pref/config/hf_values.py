@@ -161,10 +161,10 @@ def save_strategy(value: Any, raw: dict, t: Translation) -> None:
 
 
 def use_peft(value: Any, raw: dict, t: Translation) -> None:
+    """TRL without PEFT trains every weight: mlx-pref's full fine-tuning; with PEFT, LoRA
+    (DoRA when ``use_dora``)."""
     if value is False:
-        t.problems.append(
-            "use_peft false (full fine-tuning) has no counterpart: mlx-pref trains LoRA"
-        )
+        t.set("fine_tune", "full", "use_peft false -> fine_tune: full")
 
 
 def rslora(value: Any, raw: dict, t: Translation, key: str = "use_rslora") -> None:

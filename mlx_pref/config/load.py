@@ -79,26 +79,32 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{key} must be {_type_name(hint)}, got {value!r}")
 
 
-def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+def _hint(key: str, valid: list[str]) -> str:
     close = suggest(key, valid)
     if close:
-        hint = f"; did you mean '{close}'?"
-    elif len(valid) <= 12:
-        hint = f"; valid keys: {', '.join(sorted(valid))}"
-    else:
-        hint = " (the README's configuration reference lists every key)"
-    return ConfigError(f"unknown {where}key '{key}'{hint}")
+        return f"did you mean '{close}'?"
+    if len(valid) <= 12:
+        return f"valid keys: {', '.join(sorted(valid))}"
+    return ""
 
 
-def _unknown_keys(keys: list[str], valid: list[str]) -> str:
-    """One message for every unknown key, each with the key most likely meant."""
-    if len(keys) == 1:
-        return str(_unknown_key(keys[0], valid, ""))
+def unknown_keys_error(unknown: list[tuple[str, list[str], str]]) -> ConfigError:
+    """One error naming every unknown key, each with the key most likely meant.
+
+    ``unknown`` holds (key, valid keys, where: "" or "lora " or "loss parameter ")."""
+    if len(unknown) == 1:
+        key, valid, where = unknown[0]
+        hint = _hint(key, valid)
+        if hint:
+            return ConfigError(f"unknown {where}key '{key}'; {hint}")
+        return ConfigError(
+            f"unknown {where}key '{key}' (the README's configuration reference lists every key)"
+        )
     parts = []
-    for key in keys:
-        close = suggest(key, valid)
-        parts.append(f"'{key}'" + (f" (did you mean '{close}'?)" if close else ""))
-    return f"unknown keys {', '.join(parts)} (the README's configuration reference lists every key)"
+    for key, valid, where in unknown:
+        hint = _hint(key, valid)
+        parts.append(f"{where}'{key}'" + (f" ({hint})" if hint.startswith("did") else ""))
+    return ConfigError(f"unknown keys: {', '.join(parts)}")
 
 
 def _build_lora(raw: Any) -> LoraConfig:
@@ -106,14 +112,10 @@ def _build_lora(raw: Any) -> LoraConfig:
         return LoraConfig()
     if isinstance(raw, LoraConfig):
         return raw
-    if not isinstance(raw, dict):
-        raise ConfigError(f"lora must be a mapping like {{r: 8, alpha: 16}}, got {raw!r}")
     hints = _field_types(LoraConfig)
     kwargs = {}
     for key, value in raw.items():
         name = LORA_ALIASES.get(key, key)
-        if name not in hints:
-            raise _unknown_key(key, list(hints), "lora ")
         kwargs[name] = _coerce(f"lora.{name}", value, hints[name])
     return LoraConfig(**kwargs)
 
@@ -125,6 +127,24 @@ def loss_parameter_defaults() -> dict[str, Any]:
         for key, default in spec.params.items():
             out.setdefault(key, default)
     return out
+
+
+def find_unknown_keys(raw: dict[str, Any]) -> list[tuple[str, list[str], str]]:
+    """Every key of ``raw`` that is not a Config key, a LoRA key or a loss parameter."""
+    hints = [k for k in _field_types(Config) if k != "notes"]
+    params = loss_parameter_defaults()
+    lora_keys = list(_field_types(LoraConfig))
+    unknown = []
+    for key, value in raw.items():
+        if key == "lora" and isinstance(value, dict):
+            unknown += [
+                (k, lora_keys, "lora ") for k in value if LORA_ALIASES.get(k, k) not in lora_keys
+            ]
+        elif key == "loss_params" and isinstance(value, dict):
+            unknown += [(k, list(params), "loss parameter ") for k in value if k not in params]
+        elif key not in hints and key not in params:
+            unknown.append((key, [*hints, *params], ""))
+    return unknown
 
 
 def vocabulary() -> set[str]:
@@ -145,18 +165,18 @@ def config_from_dict(
     loss_params = loss_parameter_defaults()
     raw, found, trouble = translate(raw, vocabulary())
     notes, problems = [*(notes or []), *found], [*(problems or []), *trouble]
-    unknown = [k for k in raw if k not in hints and k not in loss_params and k != "loss_params"]
+    unknown = find_unknown_keys(raw)
     if unknown or problems:
-        valid = [k for k in [*hints, *loss_params] if k != "notes"]
-        messages = [*problems, *([_unknown_keys(unknown, valid)] if unknown else [])]
+        messages = [*problems, *([str(unknown_keys_error(unknown))] if unknown else [])]
         raise ConfigError("; ".join(messages))
     kwargs: dict[str, Any] = {"loss_params": {}}
     for key, value in raw.items():
         if key == "lora":
+            if not (value is None or isinstance(value, (dict, LoraConfig))):
+                raise ConfigError(f"lora must be a mapping like {{r: 8, alpha: 16}}, got {value!r}")
             kwargs["lora"] = _build_lora(value)
         elif key == "loss_params":
-            for k, v in (value or {}).items():
-                kwargs["loss_params"][k] = v
+            kwargs["loss_params"].update(value or {})
         elif key in loss_params:
             kwargs["loss_params"][key] = value
         else:
@@ -166,8 +186,6 @@ def config_from_dict(
         kwargs["sweep"] = [name.strip() for name in loss.split(",") if name.strip()]
         kwargs["loss"] = kwargs["sweep"][0]
     for key, value in kwargs["loss_params"].items():
-        if key not in loss_params:
-            raise _unknown_key(key, list(loss_params), "loss parameter ")
         default = loss_params[key]
         if value is not None and default is not None and not isinstance(default, str):
             kwargs["loss_params"][key] = _coerce(key, value, type(default))

@@ -56,6 +56,9 @@ class Config:
 
     # model and adapters
     model: str | None = None
+    fine_tune: str = "lora"
+    """What is trained: ``lora`` or ``dora`` adapters (``dora`` is ``lora.dora: true``), or
+    ``full``: every weight, no adapters (mlx-lm's ``--fine-tune-type full``)."""
     adapter: str | None = None
     """Start from this (SFT) adapter directory; the reference is base + it, frozen."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -136,6 +139,17 @@ class Config:
     output: str = "runs/mlx-pref"
     eval_every: int = 50
     eval_batches: int | None = None
+    eval_on_start: bool = True
+    """Evaluate before the first step too (the step-0 baseline, TRL's ``eval_on_start``)."""
+    save_best: str | None = None
+    """Keep a copy of the weights at the best value of this eval metric in RUN_DIR/best/."""
+    greater_is_better: bool | None = None
+    """Direction of ``save_best`` (and early stopping); by default lower is better for a
+    metric named like a loss, higher for any other."""
+    early_stopping_patience: int | None = None
+    """Stop after this many evaluations in a row without improving the watched metric
+    (``save_best``'s, else ``eval/loss``) by more than ``early_stopping_threshold``."""
+    early_stopping_threshold: float = 0.0
     generate_during_eval: bool = False
     """At each evaluation, sample greedy completions for a few fixed eval prompts from the
     policy and the reference, into samples.jsonl (TRL's generate_during_eval)."""
@@ -146,6 +160,8 @@ class Config:
     keep_last: int | None = 3
     max_nonfinite: int = 5
     """Stop (with a checkpoint) after this many non-finite steps in a row."""
+    report_to: list[str] | None = field(default_factory=list)
+    """Also log every metric to these tools: ``tensorboard``, ``wandb`` (``none``: neither)."""
     # sharing
     push_to_hub: str | None = None
     """At the end of training, export the adapter (mlx-lm format + model card) and upload it."""
@@ -153,6 +169,23 @@ class Config:
     notes: list[str] = field(default_factory=list, compare=False, repr=False)
     """What reading the config did that the user should hear (foreign names mapped); not
     a setting: never saved, never compared."""
+
+    def __post_init__(self) -> None:
+        # fine_tune: dora and lora.dora: true say the same thing; keep both spellings in step.
+        if self.fine_tune == "dora" and not self.lora.dora:
+            self.lora = dataclasses.replace(self.lora, dora=True)
+        elif self.fine_tune == "lora" and self.lora.dora:
+            self.fine_tune = "dora"
+        if isinstance(self.report_to, str) or self.report_to is None:
+            self.report_to = [self.report_to] if self.report_to else []
+        self.report_to = [name for name in self.report_to if name != "none"]
+        if self.save_best is not None and not self.save_best.startswith("eval/"):
+            self.save_best = f"eval/{self.save_best}"  # `save_best: loss` means eval/loss
+
+    @property
+    def full(self) -> bool:
+        """Full fine-tuning: every weight trained, no adapters."""
+        return self.fine_tune == "full"
 
     def validate(self) -> Config:
         """Choice, range and loss-option checks (``checks.validate``); returns itself."""

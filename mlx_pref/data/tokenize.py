@@ -198,6 +198,26 @@ def render(record: Record, tokenizer) -> tuple[str, tuple[str, ...]]:
     return prompt_text, tuple(completions)
 
 
+def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool = True) -> Ids:
+    """A prompt's token ids as training sees them: a string (one user message) or a list of
+    messages through the chat template with the generation prompt (``chat`` and a template;
+    otherwise the raw text), no special tokens added, BOS first when the tokenizer has one."""
+    if isinstance(prompt, list):
+        if not has_chat_template(tokenizer):
+            raise DataError("a prompt of chat messages needs a tokenizer with a chat template")
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    elif chat and has_chat_template(tokenizer):
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    else:
+        text = prompt
+    ids = _encoder(tokenizer)([text])[0]
+    bos = tokenizer.bos_token_id if getattr(tokenizer, "bos_token", None) is not None else None
+    if bos is not None and ids[:1] != (bos,):
+        ids = (bos, *ids)
+    return ids
+
+
 def tokenize_records(
     records: Iterable[Record], tokenizer, limits: Truncation, report: Report
 ) -> list[Example]:

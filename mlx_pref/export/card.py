@@ -63,6 +63,10 @@ PRIVATE = {
     "max_nonfinite",
     "max_grad_norm",
     "eval_split",
+    "eval_on_start",
+    "save_best",
+    "greater_is_better",
+    "report_to",
 }
 LOSS_TAGS = {"sigmoid": "dpo"}
 
@@ -73,13 +77,14 @@ def configured_losses(config: Config) -> list[str]:
 
 
 def tags(config: Config, dora: bool, library: str) -> list[str]:
-    """``mlx-pref``, the loss names in the spelling users search for, ``lora`` (and ``dora``)."""
+    """``mlx-pref``, the loss names in the spelling users search for, ``lora`` (and ``dora``),
+    or ``full-fine-tuning``."""
     out = ["mlx-pref"]
     for name in configured_losses(config):
         tag = LOSS_TAGS.get(name, name)
         if tag not in out:
             out.append(tag)
-    out.append("lora")
+    out.append("full-fine-tuning" if config.full else "lora")
     if dora:
         out.append("dora")
     if library in ("mlx", "gguf"):
@@ -121,6 +126,8 @@ def settings_table(
     rows = [f"| {k} | {_fmt(values[k])} |" for k in keys]
     if steps is not None:
         rows.insert(0, f"| steps trained | {steps} |")
+    if config.full:  # the fine_tune row says it; there is no adapter to describe
+        return ["| setting | value |", "|---|---|", *rows]
     params = adapter_config["lora_parameters"]
     kind = "DoRA" if dora else "LoRA"
     layers = adapter_config.get("num_layers")
@@ -327,6 +334,8 @@ def model_card(
     location = repo_id or str(output)
     losses = " + ".join(LOSS_TAGS.get(n, n) for n in configured_losses(run.config))
     kind = "DoRA" if run.dora else "LoRA"
+    if run.config.full:  # a whole model in either format: loaded as the fused one is
+        fmt = "fused"
     what = {
         "mlx": f"A {kind} adapter for **{base.name}** in mlx-lm's format",
         "peft": f"A {kind} adapter for **{base.name}** in PEFT's format",
@@ -334,6 +343,8 @@ def model_card(
         "gguf": f"**{base.name}** with a {kind} adapter merged into its weights, as GGUF",
         "gguf-lora": f"A {kind} adapter for **{base.name}** as a llama.cpp GGUF adapter",
     }[fmt]
+    if run.config.full:
+        what = f"**{base.name}** with every weight fine-tuned"
     checkpoint = f", at step {run.step}" if run.step is not None else ""
     title = location.rsplit("/", 1)[-1] if on_hub else output.name
     lines = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from mlx_pref.adapters import ADAPTER_CONFIG, ADAPTER_FILE
 from mlx_pref.checkpoint import CHECKPOINTS, read_state
 from mlx_pref.config import RUN_CONFIG, Config, load_config
 from mlx_pref.errors import MlxPrefError
+from mlx_pref.model_folder import WEIGHTS, checkpoint_keys, weight_files
 from mlx_pref.models import embedded_root, resolve_model_path
 from mlx_pref.progress import read_metrics
 
@@ -43,6 +43,11 @@ class Run:
     @property
     def dora(self) -> bool:
         return self.adapter_config.get("fine_tune_type", "lora") == "dora"
+
+    @property
+    def full(self) -> bool:
+        """Full fine-tuning: the run holds a whole model folder, no adapter."""
+        return self.config.full
 
 
 @dataclass
@@ -104,23 +109,28 @@ def read_run(run_dir: str | Path) -> Run:
         raise ExportError(f"{adapter_dir}: no such run directory")
     in_checkpoint = adapter_dir.parent.name == CHECKPOINTS
     root = adapter_dir.parent.parent if in_checkpoint else adapter_dir
-    for path in (root / RUN_CONFIG, adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_FILE):
-        if not path.is_file():
-            raise ExportError(f"{path} is missing: {_missing_hint(root, path)}")
+    if not (root / RUN_CONFIG).is_file():
+        raise ExportError(f"{root / RUN_CONFIG} is missing: {_missing_hint(root, root)}")
+    config = load_config(root / RUN_CONFIG)
+    if config.full:
+        weights = weight_files(adapter_dir)
+        for path in (adapter_dir / "config.json", weights[0] if weights else None):
+            if path is None or not path.is_file():
+                path = path or adapter_dir / WEIGHTS
+                raise ExportError(f"{path} is missing: {_missing_hint(root, path)}")
+        adapter_config = {"fine_tune_type": "full"}
+    else:
+        for path in (adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_FILE):
+            if not path.is_file():
+                raise ExportError(f"{path} is missing: {_missing_hint(root, path)}")
+        adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     step = read_state(adapter_dir)["step"] if in_checkpoint else None
     metrics = [r for r in read_metrics(root) if step is None or r.get("step", 0) <= step]
-    return Run(
-        root=root,
-        adapter_dir=adapter_dir,
-        config=load_config(root / RUN_CONFIG),
-        adapter_config=json.loads((adapter_dir / ADAPTER_CONFIG).read_text()),
-        step=step,
-        metrics=metrics,
-    )
+    return Run(root, adapter_dir, config, adapter_config, step, metrics)
 
 
 def _missing_hint(root: Path, path: Path) -> str:
-    if path.name == ADAPTER_FILE and (root / CHECKPOINTS).is_dir():
+    if path.name in (ADAPTER_FILE, WEIGHTS) and (root / CHECKPOINTS).is_dir():
         latest = sorted((root / CHECKPOINTS).glob("step-*"))
         if latest:
             return (
@@ -177,17 +187,6 @@ def _front_matter(path: Path) -> dict:
     except yaml.YAMLError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def checkpoint_keys(base_path: Path) -> set[str]:
-    """Tensor names in a Hugging Face checkpoint, read from the safetensors headers only."""
-    keys: set[str] = set()
-    for file in sorted(base_path.glob("*.safetensors")):
-        with open(file, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        keys.update(k for k in header if k != "__metadata__")
-    return keys
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from mlx_pref.checkpoint import CHECKPOINTS
 from mlx_pref.config import EXPORT_FORMATS, GGUF_QUANTS
-from mlx_pref.export.fused import write_fused
+from mlx_pref.export.fused import write_full, write_fused
 from mlx_pref.export.gguf_lora import write_gguf_lora
 from mlx_pref.export.gguf_model import write_gguf
 from mlx_pref.export.hub import push_to_hub, validate_repo_id
@@ -80,6 +80,13 @@ def export_run(
         "gguf": partial(write_gguf, quant=quant or GGUF_QUANTS[0]),
         "gguf-lora": write_gguf_lora,
     }[fmt]
+    if run.full and fmt in ("peft", "gguf-lora"):
+        raise ExportError(
+            f"{run_dir} is a full fine-tuning run: it has no adapter to write as {fmt}; "
+            "--format fused (or mlx, or gguf) writes the whole model"
+        )
+    if run.full and fmt in ("mlx", "fused"):
+        writer = write_full
     return _write_folder(
         output,
         lambda tmp: writer(run, info, tmp, Destination(output, repo_id), dequantize),

@@ -5,7 +5,7 @@ live ones (``NoReference``, ``AdaptersOff``, ``SeparateModel``), ``cache`` the o
 ``Cached`` one, and ``refresh`` the rules that copy the student into the reference.
 """
 
-from mlx_pref.reference.build import make_reference, reference_free
+from mlx_pref.reference.build import make_reference, reference_free, start_reference
 from mlx_pref.reference.cache import (
     CACHE_FORMAT,
     Cached,
@@ -15,9 +15,11 @@ from mlx_pref.reference.cache import (
 from mlx_pref.reference.refresh import mix_adapters, refresh
 from mlx_pref.reference.strategies import (
     AdaptersOff,
+    FrozenCopy,
     NoReference,
     Reference,
     SeparateModel,
+    StartingWeights,
     reference_weights,
 )
 
@@ -25,9 +27,11 @@ __all__ = [
     "CACHE_FORMAT",
     "AdaptersOff",
     "Cached",
+    "FrozenCopy",
     "NoReference",
     "Reference",
     "SeparateModel",
+    "StartingWeights",
     "dataset_fingerprint",
     "make_reference",
     "mix_adapters",
@@ -35,4 +39,5 @@ __all__ = [
     "reference_free",
     "reference_weights",
     "refresh",
+    "start_reference",
 ]

@@ -197,27 +197,34 @@ class Cached(Reference):
             self.computed_rows += len(missing)
         return mx.array(cached.rows(idx))
 
-    def prepare(self, datasets: dict) -> None:
-        """Score every row not yet cached (each process its share), then save."""
+    def prepare(self, datasets: dict, orders: dict | None = None) -> None:
+        """Score every row not yet cached (each process its share), then save. ``orders``:
+        this process's batches of a split, as index arrays, scored first (the batches the
+        run will use, so the values are those a live pass over them gives, to the last
+        bit); rows they leave out are scored in batches of their own."""
         self.attach(datasets)
         group = distributed_group()
+        for split, idx_list in (orders or {}).items():
+            examples = self.datasets[split].examples
+            batches = [collate([examples[i] for i in idx], idx) for idx in idx_list]
+            self._score(split, self._split(split), batches)
+        self.flush()  # every process's rows, known to all before the rest is shared out
         for split, dataset in self.datasets.items():
-            cached = self._split(split)
-            batches = [
-                b
-                for b in iterate_batches(dataset.examples, CACHE_BATCH_SIZE, seed=0, epoch=0)
-                if not cached.known[b.indices].all()
-            ][group.rank() :: group.size()]
-            if not batches:
-                continue
-            bar = Progress(len(batches), enabled=self.show_progress, unit="batch", plain_lines=True)
-            bar.message(f"scoring reference log-probs for {split} ({len(dataset)} examples)")
-            for i, batch in enumerate(batches, 1):
-                cached.fill(batch.indices, np.asarray(self.scorer.live_logps(batch)))
-                self.computed_rows += batch.num_examples
-                bar.update(i, {})
-            bar.close()
+            rest = list(iterate_batches(dataset.examples, CACHE_BATCH_SIZE, seed=0, epoch=0))
+            self._score(split, self._split(split), rest[group.rank() :: group.size()])
         self.flush()
+
+    def _score(self, split: str, cached: _Split, todo: list[Batch]) -> None:
+        batches = [b for b in todo if not cached.known[b.indices].all()]
+        if not batches:
+            return
+        bar = Progress(len(batches), enabled=self.show_progress, unit="batch", plain_lines=True)
+        bar.message(f"scoring reference log-probs for {split} ({len(cached.dataset)} examples)")
+        for i, batch in enumerate(batches, 1):
+            cached.fill(batch.indices, np.asarray(self.scorer.live_logps(batch)))
+            self.computed_rows += batch.num_examples
+            bar.update(i, {})
+        bar.close()
 
     def flush(self) -> None:
         """Write the rows scored since the last save. Every process calls it: each holds

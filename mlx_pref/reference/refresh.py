@@ -1,12 +1,14 @@
 """Reference refresh: the student copied into the reference (``ref_regen_epochs``), or
-TR-DPO's soft/hard sync (``sync_ref_model``). A refresh replaces the reference adapter;
-a cache keyed on the old weights simply stops matching and is scored anew."""
+TR-DPO's soft/hard sync (``sync_ref_model``). A refresh replaces the reference adapter (or,
+under full fine-tuning, the frozen copy's weights); a cache keyed on the old weights
+simply stops matching and is scored anew."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from mlx_pref.adapters import adapter_parameters
 from mlx_pref.errors import ConfigError
@@ -57,6 +59,29 @@ def _recompress(a: mx.array, b: mx.array, rank: int) -> tuple[mx.array, mx.array
     return mx.array(new_a.astype(np.float32)), mx.array(new_b.astype(np.float32))
 
 
+def mix_full(
+    policy: dict[str, mx.array], reference: dict[str, mx.array], alpha: float
+) -> dict[str, mx.array]:
+    """Full fine-tuning's blend: ``alpha * policy + (1 - alpha) * reference``, per weight."""
+    if alpha == 1.0:
+        return dict(policy)
+    return {k: alpha * v + (1 - alpha) * reference[k] for k, v in policy.items()}
+
+
+def _student(model: nn.Module, full: bool) -> dict[str, mx.array]:
+    return dict(tree_flatten(model.trainable_parameters())) if full else adapter_parameters(model)
+
+
+def _blend(reference: Reference, policy: dict[str, mx.array], alpha: float, full: bool):
+    if not full:
+        return mix_adapters(policy, reference.weights, alpha)
+    current = reference.weights
+    if current is None:  # the frozen copy still holds the starting weights
+        with reference.as_model() as model:
+            current = dict(tree_flatten(model.parameters()))
+    return mix_full(policy, current, alpha)
+
+
 def refresh(
     reference: Reference, model: nn.Module, cfg, step: int, steps_per_epoch: int
 ) -> list[str]:
@@ -71,12 +96,12 @@ def refresh(
     if cfg.ref_regen_epochs and step % steps_per_epoch == 0:
         epoch = step // steps_per_epoch
         if epoch % cfg.ref_regen_epochs == 0:
-            reference.set_weights(adapter_parameters(model))
+            reference.set_weights(_student(model, cfg.full))
             done.append(f"epoch {epoch}: reference regenerated from the student")
     if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:
         alpha = cfg.ref_model_mixup_alpha
         try:
-            mixed = mix_adapters(adapter_parameters(model), reference.weights, alpha)
+            mixed = _blend(reference, _student(model, cfg.full), alpha, cfg.full)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         mx.eval(mixed)

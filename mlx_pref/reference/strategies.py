@@ -10,6 +10,10 @@ log-probs for each row of the batch, named as its config value:
 - ``model`` (``SeparateModel``): a separate frozen model sharing the tokenizer.
 - ``cache`` (``Cached``, in ``cache.py``): one of the last two, scored once per row and kept
   on disk.
+
+Full fine-tuning has no adapters to switch off: its reference is ``StartingWeights`` (the
+policy itself, only until the first step: the cache scores every row before training) or
+``FrozenCopy`` (a second copy of the starting model, which a refresh can overwrite).
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
 
 from mlx_pref.adapters import adapter_parameters, adapters_disabled, set_adapter_parameters
 from mlx_pref.data.batching import Batch
+from mlx_pref.errors import ConfigError
 from mlx_pref.logps import row_logps, sequence_logps
 
 
@@ -99,7 +105,7 @@ class Reference(ABC):
         """The datasets whose rows ``logps(batch, split)`` will be asked about, by split."""
         self.held_out = {k: v for k, v in self.held_out.items() if k[0] not in datasets}
 
-    def prepare(self, datasets: dict) -> None:  # noqa: B027 (only the cache acts)
+    def prepare(self, datasets: dict, orders: dict | None = None) -> None:  # noqa: B027
         """Score every row of these datasets now (only the cache keeps anything)."""
 
     def flush(self) -> None:  # noqa: B027 (only the cache acts)
@@ -166,3 +172,61 @@ class SeparateModel(Reference):
     @contextmanager
     def as_model(self) -> Iterator[nn.Module]:
         yield self.model
+
+
+class FrozenCopy(SeparateModel):
+    """Full fine-tuning's live reference: a frozen copy of the starting model. A refresh
+    (``ref_regen_epochs``, TR-DPO) overwrites its weights; ``weights`` is None until then."""
+
+    def __init__(self, model: nn.Module, reason: str = "", ld_alpha=None, share_prompt=True):
+        super().__init__(model, reason, ld_alpha, share_prompt)
+        self._weights: dict[str, mx.array] | None = None
+
+    @property
+    def weights(self) -> dict[str, mx.array] | None:
+        return self._weights
+
+    def set_weights(self, weights: dict[str, mx.array] | None) -> None:
+        if weights is None:
+            raise ValueError("a frozen copy cannot go back to the starting weights")
+        self._weights = dict(weights)
+        self.model.update(tree_unflatten(list(self._weights.items())))
+        mx.eval(self.model.parameters())
+        self.held_out.clear()
+
+
+class StartingWeights(Reference):
+    """Full fine-tuning's cached reference: the policy itself while it still holds its
+    starting weights. The cache scores every row of the run's datasets with it before the
+    first step (``seal``); after that there is no reference model left to ask."""
+
+    name = "starting-weights"
+
+    def __init__(self, model: nn.Module, reason: str = "", ld_alpha=None, share_prompt=True):
+        super().__init__(reason, ld_alpha, share_prompt)
+        self.model = model
+        self.sealed = False
+
+    def seal(self) -> None:
+        self.sealed = True
+
+    def live_logps(self, batch: Batch) -> mx.array | None:
+        if self.sealed:
+            raise ConfigError(
+                "full fine-tuning scored its reference from the starting weights before the "
+                "first step; rows outside the run's datasets need a live reference: set "
+                "reference: model (a frozen copy of the starting model)"
+            )
+        return super().live_logps(batch)
+
+    @contextmanager
+    def as_model(self) -> Iterator[nn.Module | None]:
+        if self.sealed:  # the weights have moved on: no reference model to show
+            yield None
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield self.model
+        finally:
+            self.model.train(was_training)

@@ -1,9 +1,11 @@
 """What a checkpoint of a run holds, and how a run continues from one.
 
-A checkpoint (``checkpoint.write_checkpoint``: atomic, verified) holds the adapters, the
-optimizer state, the reference adapter when a refresh replaced it, and
-``trainer_state.json``: the step, the non-finite counters, BCO's running statistics and
-the metrics not yet logged, so a resumed run gives exactly the result it would have had.
+A checkpoint (``checkpoint.write_checkpoint``: atomic, verified) holds the trained weights
+(the adapters, or under full fine-tuning a whole model folder), the optimizer state, the
+reference weights when a refresh replaced them, and ``trainer_state.json``: the step, the
+non-finite counters, BCO's running statistics, the metrics not yet logged and the watched
+eval metric (keep-best, early stopping), so a resumed run gives exactly the result it
+would have had.
 """
 
 from __future__ import annotations
@@ -15,15 +17,33 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlx_pref.adapters import ADAPTER_FILE, save_adapters, set_adapter_parameters
-from mlx_pref.checkpoint import STATE, checkpoint_dir, read_state, write_checkpoint
+from mlx_pref.checkpoint import (
+    STATE,
+    checkpoint_dir,
+    latest_valid,
+    read_state,
+    remove_after,
+    verify,
+    write_checkpoint,
+)
 from mlx_pref.config import RUN_CONFIG, Config, load_config
 from mlx_pref.errors import ConfigError
-from mlx_pref.rundir import legacy_run, read_marker
+from mlx_pref.rundir import claim, legacy_run, read_marker
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 REF_ADAPTER_FILE = "reference_adapters.safetensors"
-RESUMABLE = {"max_steps", "epochs", "eval_every", "save_every", "log_every", "keep_last"}
+RESUMABLE = {
+    "max_steps",
+    "epochs",
+    "eval_every",
+    "save_every",
+    "log_every",
+    "keep_last",
+    "eval_on_start",
+    "report_to",
+    "early_stopping_patience",
+    "early_stopping_threshold",
+}
 """Settings a resumed run may change: none alters the steps already taken."""
 
 
@@ -35,6 +55,7 @@ def state_dict(trainer) -> dict:
         "skipped_steps": trainer.skipped_steps,
         "loss_state": trainer.objective.loss_state.state_dict(),
         "log_window": trainer.window,
+        "watch": trainer.watch.state_dict(),
     }
 
 
@@ -45,7 +66,7 @@ def save(trainer) -> Path:
         return checkpoint_dir(trainer.run_dir, trainer.step)
 
     def write(tmp: Path) -> None:
-        save_adapters(trainer.model, tmp, trainer.adapter_config)
+        trainer.trainable.save(tmp)
         optimizer = dict(tree_flatten(trainer.optimizer.state))
         mx.save_safetensors(str(tmp / OPTIMIZER_FILE), optimizer)
         (tmp / STATE).write_text(json.dumps(state_dict(trainer), indent=1))
@@ -56,8 +77,8 @@ def save(trainer) -> Path:
 
 
 def restore(trainer, path: Path) -> None:
-    """Restore adapters, optimizer and loop state from a checkpoint directory."""
-    set_adapter_parameters(trainer.model, mx.load(str(path / ADAPTER_FILE)))
+    """Restore the weights, optimizer and loop state from a checkpoint directory."""
+    trainer.trainable.load_from(path)
     trainer.optimizer.state = tree_unflatten(list(mx.load(str(path / OPTIMIZER_FILE)).items()))
     state = read_state(path)
     if (path / REF_ADAPTER_FILE).exists():
@@ -67,18 +88,21 @@ def restore(trainer, path: Path) -> None:
     trainer.skipped_steps = state["skipped_steps"]
     trainer.objective.loss_state.load_state_dict(state["loss_state"])
     trainer.window = state["log_window"]
+    trainer.watch.load_state_dict(state.get("watch", {}))
     mx.eval(trainer.model.parameters(), trainer.optimizer.state)
     trainer.progress.start = trainer.step
 
 
-def resumed_config(run_dir: Path, overrides: dict | None) -> tuple[Config, list[str]]:
+def resumed_config(
+    run_dir: Path, overrides: dict | None, any_change: bool = False
+) -> tuple[Config, list[str]]:
     """The saved config of the run in ``run_dir`` with ``overrides`` applied, and the names
     of the settings they change.
 
     Overrides equal to the saved settings are fine (the original command with ``--resume``
     added works); changed ones may extend the run (``max_steps``, ``epochs``, which also
     stretches the schedules from here on) or change logging and checkpointing. Anything
-    else is refused.
+    else is refused, unless ``any_change`` (a read-only use such as evaluation).
     """
     if not (run_dir / RUN_CONFIG).exists():
         raise ConfigError(f"{run_dir} is not a run directory: {RUN_CONFIG} is missing")
@@ -92,7 +116,7 @@ def resumed_config(run_dir: Path, overrides: dict | None) -> tuple[Config, list[
         for f in dataclasses.fields(Config)
         if f.compare and getattr(config, f.name) != getattr(saved, f.name)
     )
-    refused = [k for k in changed if k not in RESUMABLE]
+    refused = [k for k in changed if k not in RESUMABLE and not any_change]
     if refused:
         detail = ", ".join(
             f"{k} ({getattr(saved, k)!r} -> {getattr(config, k)!r})" for k in refused
@@ -102,3 +126,59 @@ def resumed_config(run_dir: Path, overrides: dict | None) -> tuple[Config, list[
             f"can change, not {detail}"
         )
     return dataclasses.replace(config, output=str(run_dir)), changed
+
+
+def trainer_at(
+    cls,
+    run_dir: Path,
+    overrides: dict | None = None,
+    *,
+    checkpoint: Path | None = None,
+    at_start: bool = False,
+    any_change: bool = False,
+    verbose: bool = True,
+):
+    """A ``cls`` trainer for the run in ``run_dir`` at ``checkpoint`` (default: its newest
+    intact one; none, or ``at_start``: step 0). Writes nothing."""
+    config, changed = resumed_config(run_dir, overrides, any_change)
+    trainer = cls(config, verbose=verbose)
+    trainer.checkpoint_path, trainer.changed_settings = None, changed
+    if at_start:
+        return trainer
+    if checkpoint is not None:
+        problem = verify(Path(checkpoint))
+        if problem:
+            raise ConfigError(f"checkpoint {checkpoint} is damaged: {problem}")
+    path = checkpoint or latest_valid(run_dir, warn=trainer.log)
+    if path is not None:
+        restore(trainer, Path(path))
+    trainer.checkpoint_path, trainer.changed_settings = path, changed
+    return trainer
+
+
+def resume(cls, run_dir: Path, overrides: dict | None = None, *, verbose: bool = True):
+    """A ``cls`` trainer continuing the run in ``run_dir`` from its newest intact
+    checkpoint: what ``Trainer.resume`` does."""
+    trainer = trainer_at(cls, run_dir, overrides, verbose=verbose)
+    trainer.resumed = True
+    path = trainer.checkpoint_path
+    if path is None:
+        trainer.log(f"no intact checkpoint in {run_dir}: starting from step 0")
+    if trainer.step > trainer.total_steps:
+        raise ConfigError(
+            f"{run_dir} is at step {trainer.step}, past the {trainer.total_steps} steps "
+            "asked for; pass a larger --max-steps (or --epochs) to train longer"
+        )
+    if trainer.finished:
+        return trainer  # nothing is written
+    if trainer.is_main:
+        claim(run_dir, "run", trainer.run_files())
+        if trainer.changed_settings:
+            trainer.config.save(run_dir / RUN_CONFIG)
+        # checkpoints and log records past this one were damaged or are stale now
+        remove_after(run_dir, trainer.step if path else -1)
+    trainer.metrics_log.truncate_after(trainer.step)
+    trainer.samples_log.truncate_after(trainer.step)
+    if path is not None:
+        trainer.log(f"resumed from {path} (step {trainer.step})")
+    return trainer

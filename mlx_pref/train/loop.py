@@ -19,37 +19,27 @@ import mlx.optimizers as optim
 import numpy as np
 
 from mlx_pref import backend
-from mlx_pref.adapters import ADAPTER_CONFIG, ADAPTER_FILE, attach_adapters, save_adapters
-from mlx_pref.checkpoint import CHECKPOINTS, latest_valid, remove_after
+from mlx_pref.checkpoint import CHECKPOINTS
 from mlx_pref.config import RUN_CONFIG, Config, load_config
-from mlx_pref.data import Batch, BatchPlan, Dataset, collate, data_warnings, load_datasets
+from mlx_pref.data import Batch, BatchPlan, Dataset, data_warnings, load_datasets
 from mlx_pref.errors import ConfigError, Interrupted, NonFiniteError
 from mlx_pref.generate import answer
 from mlx_pref.logps import set_compile
-from mlx_pref.losses import (
-    beta_at,
-    prepare_loss,
-    supplied_inputs,
-    unused_params,
-)
+from mlx_pref.losses import beta_at, prepare_loss, supplied_inputs, unused_params
 from mlx_pref.models import LoadedModel, enable_grad_checkpoint, load_model
 from mlx_pref.progress import METRICS_FILE, MetricsLog, Progress, format_metrics
-from mlx_pref.reference import make_reference, refresh
-from mlx_pref.rundir import check_output, claim
+from mlx_pref.reference import make_reference, refresh, start_reference
+from mlx_pref.reporting import Reporters
+from mlx_pref.rundir import check_output, claim, record
 from mlx_pref.train import checkpointing
+from mlx_pref.train.evaluation import eval_order, evaluate_dataset
+from mlx_pref.train.header import Eta, header_lines
 from mlx_pref.train.inputs import UDM
 from mlx_pref.train.preflight import check_hub_login, check_loss_fits_data
-from mlx_pref.train.step import (
-    Objective,
-    StepResult,
-    batch_context,
-    forward,
-    loss_and_grad,
-    lr_schedule,
-    sum_metrics,
-    train_step,
-)
-from mlx_pref.train.stopping import StopRequest
+from mlx_pref.train.step import Objective, StepResult, loss_and_grad, lr_schedule, train_step
+from mlx_pref.train.stopping import StopRequest, non_finite_message
+from mlx_pref.train.watch import BEST, EvalWatch, save_best
+from mlx_pref.trainable import make_trainable
 
 SAMPLES_FILE = "samples.jsonl"
 LOG_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_sec")
@@ -57,7 +47,8 @@ EVAL_KEYS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
 
 
 class Trainer:
-    """Preference optimisation of LoRA adapters on one model, driven by a Config."""
+    """Preference optimisation of one model (LoRA/DoRA adapters or every weight), driven by
+    a Config."""
 
     def __init__(self, config: Config, *, loaded: LoadedModel | None = None, verbose: bool = True):
         self.config = cfg = config
@@ -83,12 +74,13 @@ class Trainer:
         backend.set_wired_limit()  # Metal: keep the weights resident between steps
         for note in [*cfg.notes, *self.loaded.notes]:  # foreign names read, the base's dtype
             self.log(note)
-        self.adapter_config, sft_weights = attach_adapters(self.model, cfg.lora, cfg.adapter)
+        self.trainable = make_trainable(self.loaded, cfg)
         if cfg.grad_checkpoint:
             enable_grad_checkpoint(self.model)
         set_compile(cfg.compile)
         self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer)
         check_loss_fits_data(cfg.loss, self.train_set, self.eval_set)
+        self.watch = EvalWatch(cfg, has_eval=self.eval_set is not None)
         if (cfg.use_weighting or cfg.ld_alpha is not None) and not self.train_set.paired:
             raise ConfigError(
                 "use_weighting (WPO) and ld_alpha (LD-DPO) weigh pairs: they need paired data"
@@ -106,10 +98,13 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ConfigError(f"{self.train_set.name}: too few examples for {self.world} processes")
         reference = make_reference(
-            cfg, self.loaded, sft_weights=sft_weights, steps_per_epoch=self.steps_per_epoch,
-            log=self.log, show_progress=self.verbose,
+            cfg, self.loaded, sft_weights=self.trainable.start_weights,
+            steps_per_epoch=self.steps_per_epoch, log=self.log, show_progress=self.verbose,
         )  # fmt: skip
-        reference.attach({"train": self.train_set, "eval": self.eval_set})
+        orders = {"train": self.plan.epoch(0)}  # the batches steps and evaluations use
+        if self.eval_set is not None:
+            orders["eval"] = eval_order(cfg, self.eval_set, self.world, rank)
+        start_reference(reference, {"train": self.train_set, "eval": self.eval_set}, orders)
         self.objective = Objective(
             self.model, cfg, prepare_loss(cfg.loss, label_smoothing=cfg.label_smoothing,
                                           **cfg.loss_params),
@@ -129,6 +124,8 @@ class Trainer:
         self.samples_log = MetricsLog(self.run_dir, enabled=self.is_main, name=SAMPLES_FILE)
         self.progress.total = self.total_steps
         self.stop = StopRequest(self.log)
+        self.reporters = Reporters(cfg.report_to, enabled=self.is_main)
+        self.eta: Eta | None = None
         self.resumed = False
         """Built by ``resume``: the run directory is already this run's."""
 
@@ -137,11 +134,16 @@ class Trainer:
         return self.objective.reference
 
     @property
-    def finished(self) -> bool:
-        return self.step >= self.total_steps
+    def adapter_config(self) -> dict:
+        return self.trainable.config
 
-    def log(self, text: str) -> None:
-        if self.verbose:
+    @property
+    def finished(self) -> bool:
+        """All steps taken, or stopped early (``early_stopping_patience``)."""
+        return self.step >= self.total_steps or self.watch.stopped
+
+    def log(self, text: str | None) -> None:
+        if self.verbose and text:
             self.progress.message(text)
 
     def beta(self) -> float:
@@ -175,30 +177,11 @@ class Trainer:
             self.reference.attach({"custom": dataset})
             if self.objective.udm is not None:
                 self.objective.udm.forget("custom")
-        plan = BatchPlan(dataset.examples, self.config.batch_size, 1, 0,
-                         self.config.share_prompt, self.world, self.plan.rank)  # fmt: skip
-        order = plan.shard(seed=0, epoch=0)
-        if not order:
-            raise ConfigError(f"{dataset.name}: fewer eval examples than processes ({self.world})")
-        sums: dict[str, mx.array] = {}
-        self.model.eval()
-        try:
-            for idx in order[: self.config.eval_batches]:
-                batch = collate([dataset.examples[i] for i in idx], idx)
-                ctx = batch_context(self.objective, batch, split, dataset)
-                loss, metrics = forward(self.objective, batch, ctx, train=False)
-                for k, v in {"loss": loss, "count": mx.array(1.0), **metrics}.items():
-                    sums[k] = sums.get(k, 0.0) + batch.num_examples * v
-                mx.eval(sums)
-        finally:
-            self.model.train()
-        if self.world > 1:
-            sums = sum_metrics(sums)
-        count = float(sums.pop("count"))
-        return {f"eval/{k}": float(v) / count for k, v in sums.items()}
+        return evaluate_dataset(self.objective, dataset, split, world=self.world,
+                                rank=self.plan.rank)  # fmt: skip
 
     def train(self) -> dict[str, float]:
-        """Train to ``total_steps``; returns the final metrics (train and eval)."""
+        """Train to ``total_steps`` (or an early stop); returns the final metrics."""
         cfg = self.config
         if self.step == 0:
             if self.is_main:
@@ -206,34 +189,31 @@ class Trainer:
                     check_output(self.run_dir, "run")
                 claim(self.run_dir, "run", self.run_files())
                 cfg.save(self.run_dir / RUN_CONFIG)
-            self.metrics_log.truncate_after(0)
-            self.samples_log.truncate_after(0)
-        kind = "pairs" if self.train_set.paired else "rows"
-        self.log(f"training {self.total_steps} steps: {len(self.train_set)} {kind}, "
-                 f"loss {cfg.loss}, output {self.run_dir}")  # fmt: skip
-        self.log(f"reference: {self.reference.describe()}")
+            self.metrics_log.truncate_after(-1)
+            self.samples_log.truncate_after(-1)
+        for line in header_lines(self):
+            self.log(line)
+        self.eta = Eta(self)
         last: dict[str, float] = {}
         self.stop.install()
         try:
-            while self.step < self.total_steps:
+            self.reporters.open(self.run_dir, cfg.to_dict(), self.step)
+            if self.step == 0 and cfg.eval_on_start and self.eval_set is not None:
+                last = self._log_eval()
+            while not self.finished:
                 for line in refresh(self.reference, self.model, cfg, self.step,
                                     self.steps_per_epoch):  # fmt: skip
                     self.log(line)
                 result = self.train_step(self.step_batches(self.step))
                 self.window.append(result.metrics)
                 self.progress.update(self.step, result.metrics)
+                self.log(self.eta.after_step(self.step, result.metrics["step_time"]))
                 if self.step % cfg.log_every == 0 or self.finished:
                     last = self._log_window()
                 if self.step % cfg.eval_every == 0 or self.finished:
                     last.update(self._log_eval())
                 if self.nonfinite_in_a_row >= cfg.max_nonfinite:
-                    path = self.save_checkpoint()
-                    raise NonFiniteError(
-                        f"stopped at step {self.step}: {self.nonfinite_in_a_row} steps in a row "
-                        f"had a non-finite loss or gradient ({self.skipped_steps} skipped in "
-                        f"all). Checkpoint: {path}. Lower learning_rate or beta, or check the "
-                        "data, then resume with --resume."
-                    )
+                    raise NonFiniteError(non_finite_message(self, self.save_checkpoint()))
                 if self.step % cfg.save_every == 0 or self.finished:
                     self.save_checkpoint()
                 if self.stop.requested(self.world):
@@ -246,10 +226,12 @@ class Trainer:
         finally:
             self.stop.uninstall()
             self.progress.close()
+            self.reporters.close()
         if not self.is_main:
             return last
-        save_adapters(self.model, self.run_dir, self.adapter_config)
-        self.log(f"adapters saved to {self.run_dir}")
+        record(self.run_dir, *self.trainable.save(self.run_dir))
+        what = "model" if cfg.full else "adapters"
+        self.log(f"{what} saved to {self.run_dir}")
         if cfg.push_to_hub:
             from mlx_pref.export import export_and_push
 
@@ -259,8 +241,11 @@ class Trainer:
 
     def run_files(self) -> list[str]:
         """The names this run writes in its directory (listed in its ownership marker)."""
-        files = [RUN_CONFIG, METRICS_FILE, CHECKPOINTS, ADAPTER_FILE, ADAPTER_CONFIG]
-        return files + ([SAMPLES_FILE] if self.config.generate_during_eval else [])
+        cfg = self.config
+        files = [RUN_CONFIG, METRICS_FILE, CHECKPOINTS, *self.trainable.files()]
+        files += [SAMPLES_FILE] if cfg.generate_during_eval else []
+        files += [BEST] if cfg.save_best else []
+        return files + self.reporters.folders()
 
     def save_checkpoint(self) -> Path:
         """Write an atomic checkpoint for the current step (skipped if it exists)."""
@@ -270,35 +255,9 @@ class Trainer:
     def resume(
         cls, run_dir: str | Path, overrides: dict | None = None, *, verbose: bool = True
     ) -> Trainer:
-        """A trainer for the run in ``run_dir``, at its newest intact checkpoint; see
-        ``checkpointing.resumed_config`` for which settings may change."""
-        run_dir = Path(run_dir)
-        config, changed = checkpointing.resumed_config(run_dir, overrides)
-        trainer = cls(config, verbose=verbose)
-        trainer.resumed = True
-        path = latest_valid(run_dir, warn=trainer.log)
-        if path is None:
-            trainer.log(f"no intact checkpoint in {run_dir}: starting from step 0")
-        else:
-            checkpointing.restore(trainer, path)
-        if trainer.step > trainer.total_steps:
-            raise ConfigError(
-                f"{run_dir} is at step {trainer.step}, past the {trainer.total_steps} steps "
-                "asked for; pass a larger --max-steps (or --epochs) to train longer"
-            )
-        if trainer.finished:
-            return trainer  # nothing is written
-        if trainer.is_main:
-            claim(run_dir, "run", trainer.run_files())
-            if changed:
-                config.save(run_dir / RUN_CONFIG)
-            # checkpoints and log records past this one were damaged or are stale now
-            remove_after(run_dir, trainer.step if path else -1)
-        trainer.metrics_log.truncate_after(trainer.step)
-        trainer.samples_log.truncate_after(trainer.step)
-        if path is not None:
-            trainer.log(f"resumed from {path} (step {trainer.step})")
-        return trainer
+        """A trainer for the run in ``run_dir``, at its newest intact checkpoint, ready to
+        continue; see ``checkpointing.resumed_config`` for which settings may change."""
+        return checkpointing.resume(cls, Path(run_dir), overrides, verbose=verbose)
 
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Stop after the current step with a checkpoint (what Ctrl-C and SIGTERM do)."""
@@ -309,9 +268,15 @@ class Trainer:
         record = {"step": self.step, "epoch": self.step / self.steps_per_epoch}
         for key in window[-1]:
             record[key] = float(np.mean([m[key] for m in window if key in m]))
-        self.metrics_log.write(record)
+        self._record(record)
         self.log(f"step {self.step}: " + format_metrics(record, LOG_KEYS))
         return record
+
+    def _record(self, record: dict) -> None:
+        """One record to metrics.jsonl and to the ``report_to`` tools."""
+        self.metrics_log.write(record)
+        if self.is_main:
+            self.reporters.log(record)
 
     def generate_samples(self) -> list[dict]:
         """Greedy completions for the first few eval prompts from the policy and the
@@ -333,15 +298,25 @@ class Trainer:
 
     def _log_eval(self) -> dict:
         t0 = time.perf_counter()
+        scored = getattr(self.reference, "computed_rows", 0)
         metrics = self.evaluate()
         if self.config.generate_during_eval and self.is_main:
             for row in self.generate_samples():
                 self.samples_log.write(row)
         if metrics:
-            self.metrics_log.write({"step": self.step, **metrics})
+            self._record({"step": self.step, **metrics})
             self.log(f"eval step {self.step}: " + format_metrics(metrics, EVAL_KEYS))
+        if self.watch.observe(self.step, metrics) and self.is_main:
+            save_best(self, self.watch)
+        if self.watch.stopped:
+            self.log(self.watch.stop_message(self.step) + "; checkpoint saved")
+            if self.window:  # the steps since the last logged record
+                metrics = {**self._log_window(), **metrics}
         mx.clear_cache()  # evaluation's buffers are not the training step's
-        self.progress.exclude(time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        self.progress.exclude(elapsed)
+        if self.eta is not None:  # an evaluation that scored the reference is not typical
+            self.eta.timed_eval(elapsed, scored != getattr(self.reference, "computed_rows", 0))
         return metrics
 
 

@@ -1,12 +1,13 @@
 """Stopping a run cleanly: Ctrl-C and SIGTERM (what schedulers send) end it after the
 current step with a checkpoint; a second signal aborts at once. Every process of a
-distributed run stops at the same step."""
+distributed run stops at the same step. Too many non-finite steps stop it too."""
 
 from __future__ import annotations
 
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 import mlx.core as mx
 
@@ -56,3 +57,13 @@ class StopRequest:
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         again = " (Ctrl-C again to abort without saving)" if signum == signal.SIGINT else ""
         self.log(f"{name}: stopping after this step and saving...{again}")
+
+
+def non_finite_message(trainer, checkpoint: Path) -> str:
+    """Why a run stopped after ``max_nonfinite`` non-finite steps, and what to do."""
+    return (
+        f"stopped at step {trainer.step}: {trainer.nonfinite_in_a_row} steps in a row had a "
+        f"non-finite loss or gradient ({trainer.skipped_steps} skipped in all). Checkpoint: "
+        f"{checkpoint}. Lower learning_rate or beta, or check the data, then resume with "
+        "--resume."
+    )
