@@ -249,15 +249,40 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.05)
 
 
+HOLD_AFTER_STEP_3 = """
+import sys, time
+import mlx_pref
+from mlx_pref.config import load_config
+from mlx_pref.train import Trainer
+
+trainer = Trainer(load_config(sys.argv[1]), verbose=False)
+step = trainer.train_step
+
+def hold(batches):
+    result = step(batches)
+    if trainer.step == 4:  # step 3's checkpoint is on disk: say so, then wait to be killed
+        print("step 3 saved", flush=True)
+        time.sleep(600)
+    return result
+
+trainer.train_step = hold
+trainer.train()
+"""
+
+
 def test_sigkill_mid_run_then_resume_gives_the_same_adapters(make_config, tmp_path):
     straight = make_config(max_steps=6, save_every=1, output=str(tmp_path / "straight"))
     Trainer(straight, verbose=False).train()
     cfg = make_config(max_steps=6, save_every=1, output=str(tmp_path / "killed"))
-    proc = _cli("train", str(_write_config(cfg, tmp_path / "c.yaml")), "--quiet")
-    _wait_for(Path(cfg.output) / "checkpoints" / "step-00000003", proc)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AFTER_STEP_3, str(_write_config(cfg, tmp_path / "c.yaml"))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout.readline().strip() == "step 3 saved"  # the run says when, not a timer
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
+    assert latest_valid(Path(cfg.output)).name == "step-00000003"  # killed in step 4
     resume = _cli("train", "--resume", cfg.output, "--quiet")
     out, err = resume.communicate(timeout=300)
     assert resume.returncode == 0, err

@@ -82,8 +82,9 @@ def export_run(
     }[fmt]
     if run.full and fmt in ("peft", "gguf-lora"):
         raise ExportError(
-            f"{run_dir} is a full fine-tuning run: it has no adapter to write as {fmt}; "
-            "--format fused (or mlx, or gguf) writes the whole model"
+            f"{run_dir} is a full fine-tuning run: it has no adapter to write in "
+            f"{'PEFT' if fmt == 'peft' else 'GGUF LoRA'}'s format; --format fused (or mlx, or "
+            "gguf) writes the whole model, which transformers loads with from_pretrained"
         )
     if run.full and fmt in ("mlx", "fused"):
         writer = write_full
