@@ -25,6 +25,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_pref.backend import attention_kernel, backend_name
+
 QUERY_BLOCK = 64
 """Queries per attention block: each block sees only the keys its queries can see, so
 small blocks skip most masked-out scores (64: the fastest measured on the CPU)."""
@@ -67,53 +69,73 @@ class Segments:
     start: np.ndarray
     """First token index of each segment."""
 
-    def block_keys(self, lo: int, hi: int, window: int | None) -> tuple[int, np.ndarray]:
-        """For queries ``[lo, hi)``: the first key any of them sees, and which of the keys
-        ``[first, hi)`` each of them sees."""
+    def first_key(self, lo: int, hi: int) -> int:
+        """The first key any of the queries ``[lo, hi)`` sees (its segment's or prompt's start)."""
         seg_q, parent_q = self.segment[lo:hi], self.parent[lo:hi]
-        firsts = self.start[seg_q]
-        has_parent = parent_q >= 0
-        firsts = np.where(has_parent, self.start[np.maximum(parent_q, 0)], firsts)
-        first = int(firsts.min())
-        seg_k = self.segment[first:hi]
-        q_idx = np.arange(lo, hi)[:, None]
-        k_idx = np.arange(first, hi)[None, :]
-        same = (seg_k[None, :] == seg_q[:, None]) & (k_idx <= q_idx)
-        allowed = same | (seg_k[None, :] == parent_q[:, None])
-        if window is not None:
-            gap = self.position[lo:hi, None] - self.position[None, first:hi]
-            allowed &= gap < window
-        return first, allowed
+        firsts = np.where(parent_q >= 0, self.start[np.maximum(parent_q, 0)], self.start[seg_q])
+        return int(firsts.min())
 
 
 class PackedAttention:
-    """The mask a packed forward hands every attention layer: it carries the segments,
-    computes the attention itself, and keeps each layer's block masks (built once)."""
+    """The mask a packed forward hands every attention layer: it carries the segments and
+    computes the attention itself, block by block. Without ``recompute`` the blocks' masks
+    are built once and shared by every layer; with it, each block builds its mask again
+    inside its checkpoint, so nothing of size queries x keys outlives a block."""
 
     def __init__(self, segments: Segments, recompute: bool = False, block: int = QUERY_BLOCK):
         self.segments = segments
         self.recompute = recompute
         self.block = block
         self.window: int | None = None
-        self._blocks: list[tuple[int, int, int, mx.array]] | None = None
+        self._vectors = [mx.array(a.astype(np.int32)) for a in (
+            segments.segment, segments.parent, segments.position
+        )]  # fmt: skip
+        n = len(segments.segment)
+        self.ranges = [(lo, min(lo + block, n)) for lo in range(0, n, block)]
+        self.ranges = [(lo, hi, segments.first_key(lo, hi)) for lo, hi in self.ranges]
+        self._masks: list[mx.array] | None = None
+        self._dense: mx.array | None = None
 
-    def blocks(self) -> list[tuple[int, int, int, mx.array]]:
-        if self._blocks is None:
+    def mask(self, lo: int, hi: int, first: int) -> mx.array:
+        """Which of the keys ``[first, hi)`` each query of ``[lo, hi)`` sees: its own
+        segment's earlier tokens and its prompt (and, for sliding windows, only near ones)."""
+        seg, parent, position = self._vectors
+        seg_q, parent_q, seg_k = seg[lo:hi, None], parent[lo:hi, None], seg[None, first:hi]
+        causal = mx.arange(first, hi)[None, :] <= mx.arange(lo, hi)[:, None]
+        allowed = ((seg_k == seg_q) & causal) | (seg_k == parent_q)
+        if self.window is not None:
+            allowed = allowed & (position[lo:hi, None] - position[None, first:hi] < self.window)
+        return allowed
+
+    def dense_mask(self) -> mx.array:
+        """The whole row's mask (T x T), for a fused attention kernel (built once)."""
+        if self._dense is None:
             n = len(self.segments.segment)
-            out = []
-            for lo in range(0, n, self.block):
-                hi = min(lo + self.block, n)
-                first, allowed = self.segments.block_keys(lo, hi, self.window)
-                out.append((lo, hi, first, mx.array(allowed)))
-            self._blocks = out
-        return self._blocks
+            self._dense = self.mask(0, n, 0)[None, None]
+        return self._dense
 
     def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float):
         """Attention of one packed row: (1, Hq, T, D) queries, (1, Hkv, T, D) keys/values."""
-        block = _checkpointed_block if self.recompute else _block
+        dtype = str(queries.dtype).rsplit(".", 1)[-1]
+        if attention_kernel(backend_name(), dtype, queries.shape[-1]) == "fused":
+            return mx.fast.scaled_dot_product_attention(
+                queries, keys, values, scale=scale, mask=self.dense_mask()
+            )
+        if self.recompute:
+            outs = [
+                mx.checkpoint(
+                    lambda q, k, v, lo=lo, hi=hi, first=first: _block(
+                        q, k, v, self.mask(lo, hi, first), scale
+                    )
+                )(queries[:, :, lo:hi], keys[:, :, first:hi], values[:, :, first:hi])
+                for lo, hi, first in self.ranges
+            ]
+            return mx.concatenate(outs, axis=2)
+        if self._masks is None:
+            self._masks = [self.mask(*r) for r in self.ranges]
         outs = [
-            block(queries[:, :, lo:hi], keys[:, :, first:hi], values[:, :, first:hi], mask, scale)
-            for lo, hi, first, mask in self.blocks()
+            _block(queries[:, :, lo:hi], keys[:, :, first:hi], values[:, :, first:hi], m, scale)
+            for (lo, hi, first), m in zip(self.ranges, self._masks)
         ]
         return mx.concatenate(outs, axis=2)
 
@@ -142,10 +164,6 @@ def _block(q: mx.array, k: mx.array, v: mx.array, mask: mx.array, scale: float) 
     probs = softmax(mx.where(mask, scores, -mx.inf))
     out = probs.astype(v.dtype) @ v[:, :, None]
     return out.reshape(b, hq, n, v.shape[-1])
-
-
-def _checkpointed_block(q, k, v, mask, scale):
-    return mx.checkpoint(lambda q, k, v: _block(q, k, v, mask, scale))(q, k, v)
 
 
 class PackedContext:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import glob
 import os
 import platform
@@ -167,6 +168,7 @@ def blas_info() -> BlasInfo:
     return BlasInfo("reference BLAS bundled with MLX", lib, False, _blas_note)
 
 
+@functools.cache
 def backend_name() -> str:
     """``metal``, ``cuda`` or ``cpu``: where MLX runs its default stream."""
     import mlx.core as mx
@@ -185,6 +187,21 @@ def sequence_multiple() -> int:
     """Pad sequence lengths to a multiple of this. MLX's CUDA fused attention has a
     backward pass only for lengths that are multiples of 128; elsewhere 1 (no padding)."""
     return 128 if backend_name() == "cuda" else 1
+
+
+def attention_kernel(backend: str, dtype: str, head_dim: int) -> str:
+    """How training computes attention on ``backend``: ``fused`` where MLX has a fused
+    attention with a fused backward, ``blocks`` (mlx-pref's block attention, memory
+    linear in length) elsewhere.
+
+    MLX 0.29-0.32 (``mlx/backend/*/scaled_dot_product_attention.cpp``): the CPU always
+    composes attention from matmuls and a softmax; Metal falls back to that composed form
+    whenever gradients are taken (``if (is_training) return true``); CUDA runs cuDNN's fused
+    forward and backward for float16/bfloat16 with head dimensions that are multiples of 8
+    up to 128, at query lengths that are multiples of 128 (rows are padded to that).
+    """
+    fused = backend == "cuda" and dtype in ("float16", "bfloat16")
+    return "fused" if fused and head_dim % 8 == 0 and head_dim <= 128 else "blocks"
 
 
 def device_info() -> dict:

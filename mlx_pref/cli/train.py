@@ -42,6 +42,7 @@ TRAIN_FLAGS = {
     "dtype": "dtype",
     "quantization": "quantization",
     "grad_checkpoint": "grad_checkpoint",
+    "memory_limit": "memory_limit",
     "seed": "seed",
     "eval_every": "eval_every",
     "save_every": "save_every",
@@ -110,7 +111,12 @@ def run_inputs(cfg, config_path: str | None) -> list[str]:
 @click.option(
     "--grad-checkpoint/--no-grad-checkpoint",
     default=None,
-    help="Recompute activations in the backward pass (less memory).",
+    help="Recompute every block in the backward pass (default: as the memory plan needs).",
+)
+@click.option(
+    "--memory-limit",
+    metavar="SIZE",
+    help="What a step may use: 12GB, 800MB or 60% of the device (default: the weights plus 2 GB).",
 )
 @click.option("--seed", type=int, help="Seed for data order, adapter init and dropout.")
 @click.option("--eval-every", type=int, help="Evaluate every N steps.")

@@ -21,6 +21,7 @@ from mlx_pref.losses import (
     prepare_loss,
     supplied_inputs,
 )
+from mlx_pref.memory import parse_limit
 
 QUANTIZATION_BITS = {"4bit": 4, "8bit": 8}
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -115,6 +116,11 @@ def check_columns(columns: dict[str, str] | None) -> None:
 
 def check_optimisation(cfg) -> None:
     """Optimisation, schedule and logging ranges."""
+    if cfg.grad_checkpoint not in (True, False, "auto"):
+        raise ConfigError(
+            f"grad_checkpoint must be true, false or auto, got {cfg.grad_checkpoint!r}"
+        )
+    parse_limit(cfg.memory_limit)
     _positive("learning_rate", cfg.learning_rate)
     for key in (
         "epochs",

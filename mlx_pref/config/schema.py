@@ -131,8 +131,13 @@ class Config:
     seed: int = 0
     share_prompt: bool = True
     """Run each prompt once and score chosen and rejected against its cache."""
-    grad_checkpoint: bool = False
-    """Recompute block activations in the backward pass (less memory, ~1/3 more compute)."""
+    grad_checkpoint: bool | str = "auto"
+    """Recompute blocks in the backward pass: ``auto`` when the memory plan needs it (and
+    only as many as it needs), ``true`` every block, ``false`` never."""
+    memory_limit: str | float | None = None
+    """What a step may use: a size (``12GB``, ``800MB``, a number of GB), a share of the
+    device (``60%``), or unset: the weights and optimizer state plus 2 GB of activations,
+    at most 70% of the device (``mlx_pref.memory``)."""
     compile: bool = False
     """Fuse the LM head's log-softmax arithmetic with mx.compile (pays on GPUs)."""
     # evaluation, logging, checkpoints

@@ -248,6 +248,9 @@ class BatchPlan:
     world: int = 1
     rank: int = 0
 
+    split: int = 1
+    """Sub-batches per micro-batch (``memory.plan``)."""
+
     def __post_init__(self) -> None:
         self._epochs: dict[int, list[np.ndarray]] = {}
         self.keys = bucket_keys(self.examples, self.share_prompt)
@@ -274,11 +277,13 @@ class BatchPlan:
         return -(-len(self.epoch(0)) // self.grad_accum)
 
     def step(self, step: int) -> list[Batch]:
-        """The micro-batches of optimizer step ``step`` (0-based)."""
+        """The micro-batches of optimizer step ``step`` (0-based), each cut into ``split``
+        sub-batches (the memory plan's: exact for losses that are per-example means)."""
         epoch, within = divmod(step, self.steps_per_epoch)
         order = self.epoch(epoch)
         ga = self.grad_accum
         return [
-            collate([self.examples[i] for i in idx], idx)
+            collate([self.examples[i] for i in part], part)
             for idx in order[within * ga : (within + 1) * ga]
+            for part in np.array_split(idx, min(self.split, len(idx)))
         ]

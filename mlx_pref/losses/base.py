@@ -115,6 +115,9 @@ class LossSpec:
     aliases: tuple[str, ...] = ()
     uses_label_smoothing: bool = False
     stateful: bool = False
+    decomposable: bool = False
+    """The batch loss is the mean of per-example terms (no batch statistics, sorting or
+    token-mean NLL), so a batch cut into sub-batches gives the same gradient."""
     description: str = ""
 
     @property

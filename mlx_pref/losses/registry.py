@@ -180,6 +180,17 @@ class PreparedLoss:
     """Each loss's own parameters, defaults filled in."""
     label_smoothing: float
 
+    @property
+    def decomposable(self) -> bool:
+        """The loss is a mean of per-example terms: sub-batches give the batch's gradient
+        (no NLL term, whose token mean spans the batch)."""
+        return all(
+            spec.decomposable
+            and self.params[spec.name].get("rpo_alpha") is None
+            and not self.params[spec.name].get("cpo_alpha")
+            for spec in self.specs
+        )
+
     def __call__(
         self,
         chosen_logps: ArrayLike,

@@ -61,6 +61,7 @@ def _dpo_spec(
     needs_reference: bool = True,
     smoothing: bool = False,
     stateful: bool = False,
+    decomposable: bool = True,
     aliases: tuple[str, ...] = (),
     description: str = "",
 ) -> LossSpec:
@@ -81,6 +82,7 @@ def _dpo_spec(
         aliases=aliases,
         uses_label_smoothing=smoothing,
         stateful=stateful,
+        decomposable=decomposable and not stateful,
         description=description,
     )
 
@@ -166,6 +168,7 @@ _SPECS: tuple[LossSpec, ...] = (
         "2406.05882",
         smoothing=True,
         description="AOT for paired data: stochastic dominance via sorted quantiles.",
+        decomposable=False,
     ),
     _dpo_spec(
         "aot_unpaired",
@@ -176,6 +179,7 @@ _SPECS: tuple[LossSpec, ...] = (
         smoothing=True,
         aliases=("aot_pair",),
         description="AOT ignoring the pairing (equal counts); TRL's former 'aot_pair'.",
+        decomposable=False,
     ),
     _dpo_spec(
         "sigmoid_norm",
@@ -221,6 +225,7 @@ _SPECS: tuple[LossSpec, ...] = (
         "2411.10442",
         needs_reference=False,
         description="Plain NLL of the chosen completions; combine with a preference loss.",
+        decomposable=False,
     ),
     LossSpec(
         name="cpo",
@@ -252,6 +257,7 @@ _SPECS: tuple[LossSpec, ...] = (
         family="reference_free",
         uses_label_smoothing=True,
         description="Length-averaged reference-free reward with target margin γ = simpo_gamma.",
+        decomposable=True,
     ),
     LossSpec(
         name="orpo",
@@ -310,6 +316,7 @@ _SPECS: tuple[LossSpec, ...] = (
         trl=f"{_TRL_KTO} (loss_type='apo_zero_unpaired')",
         family="unpaired",
         description="APO-zero on unpaired rows (KTOTrainer's variant, no KL term).",
+        decomposable=True,
     ),
 )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from mlx_pref.data import PairExample
+from mlx_pref.memory import step_size
 from mlx_pref.trainable import parameter_counts
 
 
@@ -14,20 +14,15 @@ def _millions(n: int) -> str:
 
 
 def tokens_per_step(trainer) -> float:
-    """Mean tokens per optimizer step over an epoch, every process together (a pair
-    counts its prompt twice, as the chosen and rejected rows hold it)."""
-    total = 0
-    for e in trainer.train_set.examples:
-        if isinstance(e, PairExample):
-            total += 2 * len(e.prompt) + len(e.chosen) + len(e.rejected)
-        else:
-            total += len(e.prompt) + len(e.completion)
-    return total / max(trainer.steps_per_epoch, 1)
+    """Mean tokens per optimizer step over an epoch, every process together, as packed
+    (each prompt once when pairs share it)."""
+    packed = step_size(trainer.train_set.examples, trainer.config.share_prompt).tokens
+    return packed / max(trainer.steps_per_epoch, 1)
 
 
 def memory_plan(trainer) -> str | None:
-    """The header's line on the run's peak memory, or None when there is no estimate."""
-    return None
+    """The header's line on the run's peak memory and what was chosen to keep it there."""
+    return trainer.memory.line()
 
 
 def header_lines(trainer) -> list[str]:

@@ -21,12 +21,13 @@ import numpy as np
 from mlx_pref import backend
 from mlx_pref.checkpoint import CHECKPOINTS
 from mlx_pref.config import RUN_CONFIG, Config, load_config
-from mlx_pref.data import Batch, BatchPlan, Dataset, data_warnings, load_datasets
+from mlx_pref.data import Batch, BatchPlan, Dataset, load_datasets
 from mlx_pref.errors import ConfigError, Interrupted, NonFiniteError
 from mlx_pref.generate import answer
 from mlx_pref.logps import set_compile
-from mlx_pref.losses import beta_at, prepare_loss, supplied_inputs, unused_params
-from mlx_pref.models import LoadedModel, enable_grad_checkpoint, load_model
+from mlx_pref.losses import beta_at, prepare_loss, supplied_inputs
+from mlx_pref.memory import apply_plan, epoch_steps, plan_run
+from mlx_pref.models import LoadedModel, load_model
 from mlx_pref.progress import METRICS_FILE, MetricsLog, Progress, format_metrics
 from mlx_pref.reference import make_reference, refresh, start_reference
 from mlx_pref.reporting import Reporters
@@ -35,7 +36,7 @@ from mlx_pref.train import checkpointing
 from mlx_pref.train.evaluation import eval_order, evaluate_dataset
 from mlx_pref.train.header import Eta, header_lines
 from mlx_pref.train.inputs import UDM
-from mlx_pref.train.preflight import check_hub_login, check_loss_fits_data
+from mlx_pref.train.preflight import check_context, check_data, check_hub_login
 from mlx_pref.train.step import Objective, StepResult, loss_and_grad, lr_schedule, train_step
 from mlx_pref.train.stopping import StopRequest, non_finite_message
 from mlx_pref.train.watch import BEST, EvalWatch, save_best
@@ -75,20 +76,15 @@ class Trainer:
         for note in [*cfg.notes, *self.loaded.notes]:  # foreign names read, the base's dtype
             self.log(note)
         self.trainable = make_trainable(self.loaded, cfg)
-        if cfg.grad_checkpoint:
-            enable_grad_checkpoint(self.model)
+        loss = prepare_loss(cfg.loss, label_smoothing=cfg.label_smoothing, **cfg.loss_params)
+        # Before any data is read: the settings must fit the model and the memory.
+        check_context(cfg, self.loaded.config)
+        plan_run(self.model, cfg, None, loss.decomposable)
         set_compile(cfg.compile)
         self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer)
-        check_loss_fits_data(cfg.loss, self.train_set, self.eval_set)
-        self.watch = EvalWatch(cfg, has_eval=self.eval_set is not None)
-        if (cfg.use_weighting or cfg.ld_alpha is not None) and not self.train_set.paired:
-            raise ConfigError(
-                "use_weighting (WPO) and ld_alpha (LD-DPO) weigh pairs: they need paired data"
-            )
-        for line in data_warnings(self.train_set, cfg):
+        for line in check_data(cfg, self.train_set, self.eval_set):
             self.log(line)
-        for key in unused_params(cfg.loss, cfg.loss_params):
-            self.log(f"note: {key} has no effect on loss {cfg.loss}")
+        self.watch = EvalWatch(cfg, has_eval=self.eval_set is not None)
         rank = group.rank()
         self.plan = BatchPlan(
             self.train_set.examples, cfg.batch_size, cfg.grad_accum, cfg.seed,
@@ -101,14 +97,19 @@ class Trainer:
             cfg, self.loaded, sft_weights=self.trainable.start_weights,
             steps_per_epoch=self.steps_per_epoch, log=self.log, show_progress=self.verbose,
         )  # fmt: skip
+        separate = getattr(getattr(reference, "scorer", reference), "model", self.model)
+        self.memory = plan_run(
+            self.model, cfg, epoch_steps(self.plan), loss.decomposable,
+            None if separate is self.model else separate,
+        )  # fmt: skip
+        apply_plan(self.memory, self.model, self.plan)
         orders = {"train": self.plan.epoch(0)}  # the batches steps and evaluations use
         if self.eval_set is not None:
             orders["eval"] = eval_order(cfg, self.eval_set, self.world, rank)
         start_reference(reference, {"train": self.train_set, "eval": self.eval_set}, orders)
         self.objective = Objective(
-            self.model, cfg, prepare_loss(cfg.loss, label_smoothing=cfg.label_smoothing,
-                                          **cfg.loss_params),
-            reference, supplied_inputs(cfg.loss, vars(cfg)), beta=cfg.beta,
+            self.model, cfg, loss, reference, supplied_inputs(cfg.loss, vars(cfg)),
+            beta=cfg.beta, recompute=self.memory.settings.recompute,
         )  # fmt: skip
         if cfg.bco_udm:
             self.objective.udm = UDM(cfg, self.model, self.train_set, self.log, self.verbose)

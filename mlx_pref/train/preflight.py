@@ -3,9 +3,9 @@ the Hub login is there. Each fails with one line, before hours are spent."""
 
 from __future__ import annotations
 
-from mlx_pref.data import Dataset
+from mlx_pref.data import Dataset, data_warnings
 from mlx_pref.errors import ConfigError
-from mlx_pref.losses import get_loss, parse_loss
+from mlx_pref.losses import get_loss, parse_loss, unused_params
 
 
 def check_loss_fits_data(loss, train_set: Dataset, eval_set: Dataset | None) -> None:
@@ -38,4 +38,32 @@ def check_hub_login(repo_id: str) -> None:
         raise ConfigError(
             "push_to_hub: not logged in to the Hugging Face Hub; run `hf auth login` "
             "or set HF_TOKEN before training"
+        )
+
+
+def check_data(cfg, train_set: Dataset, eval_set: Dataset | None) -> list[str]:
+    """The loaded data against the loss and its options; returns what the user should
+    hear before training (warnings on the data, loss parameters without effect)."""
+    check_loss_fits_data(cfg.loss, train_set, eval_set)
+    if (cfg.use_weighting or cfg.ld_alpha is not None) and not train_set.paired:
+        raise ConfigError(
+            "use_weighting (WPO) and ld_alpha (LD-DPO) weigh pairs: they need paired data"
+        )
+    notes = data_warnings(train_set, cfg)
+    notes += [
+        f"note: {k} has no effect on loss {cfg.loss}"
+        for k in unused_params(cfg.loss, cfg.loss_params)
+    ]
+    return notes
+
+
+def check_context(cfg, model_config: dict) -> None:
+    """A ``max_length`` past the positions the model was built for is refused: beyond them
+    its position embeddings were never trained (set it in the model's config.json if you
+    extend the context on purpose)."""
+    limit = model_config.get("max_position_embeddings")
+    if limit and cfg.max_length > int(limit):
+        raise ConfigError(
+            f"max_length {cfg.max_length} is past the {limit} positions the model was built "
+            "for (max_position_embeddings in its config.json): lower max_length"
         )

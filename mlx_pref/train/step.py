@@ -21,7 +21,7 @@ from mlx.utils import tree_map
 
 from mlx_pref import backend
 from mlx_pref.data import Batch, Dataset
-from mlx_pref.logps import row_logps, sequence_logps
+from mlx_pref.logps import Recompute, row_logps, sequence_logps
 from mlx_pref.losses import LossState, PreparedLoss
 from mlx_pref.reference import Reference
 from mlx_pref.train.inputs import UDM, provide
@@ -40,6 +40,8 @@ class Objective:
     loss_state: LossState = field(default_factory=LossState)
     udm: UDM | None = None
     beta: float = 0.1
+    recompute: Recompute = Recompute()
+    """What the backward pass recomputes (the memory plan's choice)."""
     """β of the current step (the loop moves it along its schedule)."""
 
 
@@ -117,7 +119,9 @@ def forward(obj: Objective, batch: Batch, ctx: BatchContext, *, train: bool):
     """Loss and per-batch metrics for one batch under the current policy."""
     cfg = obj.config
     with_p2 = "policy_weights" in obj.inputs
-    seq = sequence_logps(obj.model, batch, with_p2=with_p2, share_prompt=cfg.share_prompt)
+    seq = sequence_logps(
+        obj.model, batch, with_p2=with_p2, share_prompt=cfg.share_prompt, recompute=obj.recompute
+    )
     logps = row_logps(seq, batch, cfg.ld_alpha)
     chosen_idx = mx.array(np.flatnonzero(batch.labels))
     rejected_idx = mx.array(np.flatnonzero(~batch.labels))
