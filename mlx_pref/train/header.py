@@ -64,6 +64,9 @@ def header_lines(trainer) -> list[str]:
     if memory:
         lines.append(memory)
     lines.append(f"reference: {trainer.reference.describe()}")
+    router = trainer.objective.router
+    if router is not None:
+        lines.append(router.describe(cfg.router_aux_loss_coef))
     return lines
 
 

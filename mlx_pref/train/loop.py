@@ -25,7 +25,7 @@ from mlx_pref.data import Batch, BatchPlan, Dataset, data_warnings, load_dataset
 from mlx_pref.errors import ConfigError, Interrupted, NonFiniteError
 from mlx_pref.generate import answer
 from mlx_pref.logps import set_compile
-from mlx_pref.losses import beta_at, prepare_loss, supplied_inputs, unused_params
+from mlx_pref.losses import beta_at, unused_params
 from mlx_pref.models import LoadedModel, enable_grad_checkpoint, load_model
 from mlx_pref.progress import METRICS_FILE, MetricsLog, Progress, format_metrics
 from mlx_pref.reference import make_reference, refresh, start_reference
@@ -34,9 +34,14 @@ from mlx_pref.rundir import check_output, claim, record
 from mlx_pref.train import checkpointing
 from mlx_pref.train.evaluation import eval_order, evaluate_dataset
 from mlx_pref.train.header import Eta, header_lines
-from mlx_pref.train.inputs import UDM
 from mlx_pref.train.preflight import check_hub_login, check_loss_fits_data
-from mlx_pref.train.step import Objective, StepResult, loss_and_grad, lr_schedule, train_step
+from mlx_pref.train.step import (
+    StepResult,
+    loss_and_grad,
+    lr_schedule,
+    make_objective,
+    train_step,
+)
 from mlx_pref.train.stopping import StopRequest, non_finite_message
 from mlx_pref.train.watch import BEST, EvalWatch, save_best
 from mlx_pref.trainable import make_trainable
@@ -105,13 +110,9 @@ class Trainer:
         if self.eval_set is not None:
             orders["eval"] = eval_order(cfg, self.eval_set, self.world, rank)
         start_reference(reference, {"train": self.train_set, "eval": self.eval_set}, orders)
-        self.objective = Objective(
-            self.model, cfg, prepare_loss(cfg.loss, label_smoothing=cfg.label_smoothing,
-                                          **cfg.loss_params),
-            reference, supplied_inputs(cfg.loss, vars(cfg)), beta=cfg.beta,
-        )  # fmt: skip
-        if cfg.bco_udm:
-            self.objective.udm = UDM(cfg, self.model, self.train_set, self.log, self.verbose)
+        self.objective = make_objective(
+            cfg, self.model, reference, self.train_set, self.log, self.verbose
+        )
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.optimizer = optim.AdamW(
             learning_rate=lr_schedule(cfg, self.total_steps), weight_decay=cfg.weight_decay
