@@ -47,8 +47,10 @@ from mlx_pref.train.watch import BEST, EvalWatch, save_best
 from mlx_pref.trainable import make_trainable
 
 SAMPLES_FILE = "samples.jsonl"
-LOG_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_sec")
+LOG_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "aux_loss", "tokens_per_sec")
 EVAL_KEYS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
+EVAL_LOG_KEYS = (*EVAL_KEYS, "eval/aux_loss")
+"""What each evaluation prints (``aux_loss``: Mixture-of-Experts models only)."""
 
 
 class Trainer:
@@ -306,7 +308,7 @@ class Trainer:
                 self.samples_log.write(row)
         if metrics:
             self._record({"step": self.step, **metrics})
-            self.log(f"eval step {self.step}: " + format_metrics(metrics, EVAL_KEYS))
+            self.log(f"eval step {self.step}: " + format_metrics(metrics, EVAL_LOG_KEYS))
         if self.watch.observe(self.step, metrics) and self.is_main:
             save_best(self, self.watch)
         if self.watch.stopped:
