@@ -31,6 +31,9 @@ SPLIT_HEAD_TYPES = {
     "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
 }  # fmt: skip
 HEAD_CHUNK_ROWS = 1024
+FORWARDS: dict[type, Callable[..., SequenceLogps]] = {}
+"""Model classes whose batches another forward scores, ``forward(model, batch, *, with_p2,
+share_prompt)``: ``vision.model`` registers the vision-language models it loads."""
 
 
 @dataclass(frozen=True)
@@ -295,7 +298,11 @@ def sequence_logps(
     once), ``padded`` (right-padded rows), or ``auto`` (packed where the model allows).
     ``with_p2`` also returns ``log Σ_v p_v²`` per scored token (WPO).
     ``recompute``: what the backward pass computes again instead of keeping.
+    A model class in ``FORWARDS`` is scored by its own forward instead.
     """
+    other = FORWARDS.get(type(model))
+    if other is not None:
+        return other(model, batch, with_p2=with_p2, share_prompt=share_prompt)
     if layout != "padded":
         out = packed_logps(
             model, batch, with_p2=with_p2, share_prompt=share_prompt,

@@ -56,6 +56,9 @@ class LoadedModel:
     """The quantization actually applied to a float base (None if none, or if it fell back)."""
     dequantized: bool = False
     """A quantized base was turned into float weights (asked for, or chosen on the CPU)."""
+    vision: bool = False
+    """A vision-language model (mlx-vlm's; ``vision.model``), its tokenizer a
+    ``VisionTokenizer``."""
 
 
 def resolve_model_path(spec: str | None) -> Path:
@@ -114,6 +117,18 @@ def read_model_config(path: Path) -> dict:
         return json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(f"{path / 'config.json'}: cannot read it ({first_line(exc)})") from None
+
+
+def _config_or_none(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_vision_config(config: dict) -> bool:
+    """Whether a model folder's config describes a vision-language model (mlx-vlm's)."""
+    return isinstance(config, dict) and isinstance(config.get("vision_config"), dict)
 
 
 def load_checked_tokenizer(path: Path, eos_token_ids=None):
@@ -262,6 +277,12 @@ def _load(spec: str | None) -> tuple[nn.Module, object, dict, Path]:
     from mlx_lm.utils import load_model as mlx_load_model
 
     path = resolve_model_path(spec)
+    config = _config_or_none(path) or {}
+    if is_vision_config(config):
+        from mlx_pref.vision.model import load_vision
+
+        model, tokenizer = load_vision(path, config)
+        return model, tokenizer, config, path
     try:
         model, config = mlx_load_model(path, lazy=False)
     except (ValueError, RuntimeError, OSError) as exc:  # RuntimeError: a damaged file
@@ -287,6 +308,7 @@ def load_model(
     from mlx_lm.utils import dequantize_model
 
     model, tokenizer, config, path = _load(spec)
+    vision = is_vision_config(config)
     quantized = any(isinstance(m, QUANTIZED) for _, m in model.named_modules())
     compute = getattr(mx, dtype) if dtype else mx.float32
     choice = resolve_quantization(
@@ -302,7 +324,7 @@ def load_model(
     applied = None
     if choice.bits is not None:
         try:
-            quantize_base(model, choice.bits)
+            quantize_base(model.language_model if vision else model, choice.bits)
             mx.eval(model.parameters())
             applied = choice.bits
         except (RuntimeError, ValueError) as exc:  # a mode this backend lacks
@@ -311,4 +333,4 @@ def load_model(
                 "training the unquantized base instead"
             )
     mx.eval(model.parameters())
-    return LoadedModel(model, tokenizer, path, config, notes, applied, choice.dequantize)
+    return LoadedModel(model, tokenizer, path, config, notes, applied, choice.dequantize, vision)

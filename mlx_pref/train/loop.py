@@ -34,7 +34,11 @@ from mlx_pref.rundir import check_output, claim, record
 from mlx_pref.train import checkpointing
 from mlx_pref.train.evaluation import eval_order, evaluate_dataset
 from mlx_pref.train.header import Eta, header_lines
-from mlx_pref.train.preflight import check_hub_login, check_loss_fits_data
+from mlx_pref.train.preflight import (
+    check_hub_login,
+    check_loss_fits_data,
+    check_model_fits_config,
+)
 from mlx_pref.train.step import (
     StepResult,
     loss_and_grad,
@@ -78,6 +82,7 @@ class Trainer:
             cfg, dequantize=self.loaded.dequantized, quantization=quantization
         )
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        check_model_fits_config(cfg, self.loaded)
         backend.set_wired_limit()  # Metal: keep the weights resident between steps
         for note in [*cfg.notes, *self.loaded.notes]:  # foreign names read, the base's dtype
             self.log(note)
