@@ -324,3 +324,30 @@ def test_grad_checkpoint_records_each_router_once():
     with moe.recording() as logits:
         model(tokens)
     assert len(logits) == 2 and logits[0].shape == (4, EXPERTS)  # OLMoE flattens (B*L, E)
+
+
+def test_full_fine_tuning_trains_the_router_too(moe_run):
+    trainer = Trainer(moe_run(fine_tune="full", learning_rate=1e-4), verbose=False)
+    assert trainer.objective.router is not None
+    before = np.asarray(trainer.model.layers[0].block_sparse_moe.gate.weight)
+    result = trainer.train_step(trainer.step_batches(0))
+    assert 1.9 < result.metrics["aux_loss"] < 2.5
+    after = np.asarray(trainer.model.layers[0].block_sparse_moe.gate.weight)
+    assert not np.array_equal(before, after)
+
+
+def test_an_architecture_without_a_table_entry_trains_without_the_aux_loss(moe_run, monkeypatch):
+    monkeypatch.delitem(moe.SPARSE_BLOCKS, "mixtral")
+    notes = []
+    trainer = Trainer(moe_run(), verbose=False)
+    assert trainer.objective.router is None
+    from mlx_pref.train.step import make_objective
+
+    make_objective(
+        trainer.config, trainer.model, trainer.reference, trainer.train_set, notes.append
+    )
+    assert notes == [
+        "note: mlx-pref does not know where mixtral routes its tokens: training without the "
+        "router's load-balancing loss (architectures with one: qwen2_moe, qwen3_moe, olmoe)"
+    ]
+    assert "aux_loss" not in trainer.train_step(trainer.step_batches(0)).metrics
