@@ -69,9 +69,27 @@ def write_tokenizer(directory: Path) -> dict[str, int]:
     return ids
 
 
-def write_tiny_qwen2_vl(directory: Path, seed: int = 0) -> Path:
-    """A random Qwen2-VL (2 text blocks, hidden 64; a 2-block vision tower) in ``directory``."""
+VISION_CONFIGS = {
+    "qwen2_vl": {"embed_dim": 32, "hidden_size": 64, "mlp_ratio": 2},  # mlp_ratio: an int,
+    # as transformers' strict config rejects 2.0
+    "qwen2_5_vl": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "out_hidden_size": 64,
+        "window_size": 112,
+        "fullatt_block_indexes": [1],
+        "tokens_per_second": 2,
+    },
+}
+
+
+def write_tiny_qwen2_vl(directory: Path, seed: int = 0, model_type: str = "qwen2_vl") -> Path:
+    """A random Qwen2-VL (or Qwen2.5-VL: ``model_type``) in ``directory``: 2 text blocks,
+    hidden size 64, a 2-block vision tower."""
     from mlx_vlm.utils import get_model_and_args
+
+    processor = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor"}[model_type]
+    architecture = {"qwen2_vl": "Qwen2VL", "qwen2_5_vl": "Qwen2_5_VL"}[model_type]
 
     directory.mkdir(parents=True, exist_ok=True)
     ids = write_tokenizer(directory)
@@ -79,7 +97,7 @@ def write_tiny_qwen2_vl(directory: Path, seed: int = 0) -> Path:
         json.dumps(
             {
                 "image_processor_type": "Qwen2VLImageProcessor",
-                "processor_class": "Qwen2VLProcessor",
+                "processor_class": processor,
                 "patch_size": 14,
                 "temporal_patch_size": 2,
                 "merge_size": 2,
@@ -95,8 +113,8 @@ def write_tiny_qwen2_vl(directory: Path, seed: int = 0) -> Path:
         )
     )
     config = {
-        "model_type": "qwen2_vl",
-        "architectures": ["Qwen2VLForConditionalGeneration"],
+        "model_type": model_type,
+        "architectures": [f"{architecture}ForConditionalGeneration"],
         "vocab_size": ids["vocab"],
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -115,12 +133,10 @@ def write_tiny_qwen2_vl(directory: Path, seed: int = 0) -> Path:
         "eos_token_id": ids["<|im_end|>"],
         "bos_token_id": ids["<|endoftext|>"],
         "vision_config": {
-            "model_type": "qwen2_vl",
+            "model_type": model_type,
+            **VISION_CONFIGS[model_type],
             "depth": 2,
-            "embed_dim": 32,
-            "hidden_size": 64,
             "num_heads": 4,
-            "mlp_ratio": 2,  # an int: transformers' strict config rejects 2.0
             "patch_size": 14,
             "spatial_patch_size": 14,
             "spatial_merge_size": 2,

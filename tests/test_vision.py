@@ -166,6 +166,17 @@ def test_forward_equals_each_row_run_alone(loaded_vlm, vision_data, tmp_path):
     assert changed.tolist() == [True, False, False, True, False, False]
 
 
+def test_qwen2_5_vl_scores_as_mlx_vlm_does(vision_data, tmp_path):
+    loaded = load_model(str(write_tiny_qwen2_vl(tmp_path / "model", model_type="qwen2_5_vl")))
+    cfg = run_config(Path("."), vision_data, tmp_path)
+    dataset = load_dataset(vision_data / "train.jsonl", loaded.tokenizer, cfg)
+    batch = collate(dataset.examples[:2], [0, 1])
+    ours = np.asarray(sequence_logps(loaded.model, batch).sums)
+    np.testing.assert_allclose(
+        ours, rows_run_alone(loaded.model, loaded.tokenizer, batch), atol=2e-5
+    )
+
+
 def test_rows_without_images_share_a_batch_with_rows_with_them(loaded_vlm, vision_data, tmp_path):
     data = tmp_path / "data"
     rows = paired_rows(write_images(data, 4))
