@@ -5,7 +5,6 @@ parquet image bytes, and ``data check``'s image summary."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,14 +20,12 @@ from mlx.utils import tree_flatten  # noqa: E402
 from mlx_pref.config import config_from_dict  # noqa: E402
 from mlx_pref.data import collate, load_dataset  # noqa: E402
 from mlx_pref.data.check import check_dataset, load_tokenizer  # noqa: E402
-from mlx_pref.errors import DataError, ModelError  # noqa: E402
+from mlx_pref.errors import DataError  # noqa: E402
 from mlx_pref.logps import sequence_logps  # noqa: E402
 from mlx_pref.models import load_model  # noqa: E402
 from mlx_pref.progress import read_metrics  # noqa: E402
 from mlx_pref.reference import dataset_fingerprint  # noqa: E402
 from mlx_pref.train import Trainer  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 40)}
 QUESTION = "What colour is the square?"
@@ -367,11 +364,3 @@ def test_image_tokens_are_never_cut(loaded_vlm, vision_data, tmp_path):
         "its images' tokens included, which are never cut"
         in (dataset.report.examples["no room for completion"][0])
     )
-
-
-def test_missing_mlx_vlm_is_one_line(vlm, monkeypatch):
-    monkeypatch.setitem(sys.modules, "mlx_vlm", None)
-    monkeypatch.setitem(sys.modules, "mlx_vlm.utils", None)
-    with pytest.raises(ModelError, match=r"^vision-language models load through mlx-vlm, .*"
-                       r"pip install 'mlx-pref\[vision\]'$"):  # fmt: skip
-        load_model(str(vlm))
