@@ -30,21 +30,37 @@ ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 ADAPTER_TYPES = (LoRALinear, DoRALinear, LoRAEmbedding, DoRAEmbedding, LoRASwitchLinear)
 
 
+def _expert_layers() -> tuple[type, ...]:
+    from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+    return (SwitchLinear, QuantizedSwitchLinear)
+
+
+def _matches(path: str, target: str) -> bool:
+    """``q_proj`` names every module of that name; a dotted target (``switch_mlp.up_proj``,
+    ``block_sparse_moe.gate``) the modules whose path ends with it."""
+    return path == target or path.endswith("." + target)
+
+
 def layer_keys(model: nn.Module, targets: list[str]) -> list[str]:
     """Module paths inside a transformer block (``self_attn.q_proj``) matching the target
-    names (``q_proj``), in mlx-lm's ``keys`` spelling."""
+    names (``q_proj``, or a path's end such as ``mlp.switch_mlp.up_proj``), in mlx-lm's
+    ``keys`` spelling. A Mixture-of-Experts block's router is ``gate`` and its experts'
+    projections live under ``switch_mlp``."""
     found = set()
     for layer in model.layers:
         for name, module in layer.named_modules():
-            if name and name.split(".")[-1] in targets and hasattr(module, "weight"):
+            if name and any(_matches(name, t) for t in targets) and hasattr(module, "weight"):
                 found.add(name)
-    missing = [t for t in targets if not any(k.split(".")[-1] == t for k in found)]
+    missing = [t for t in targets if not any(_matches(k, t) for k in found)]
     if missing:
+        kinds = (nn.Linear, nn.QuantizedLinear, *_expert_layers())
         available = sorted(
             {
                 n.split(".")[-1]
-                for n, m in model.layers[0].named_modules()
-                if isinstance(m, (nn.Linear, nn.QuantizedLinear))
+                for layer in model.layers
+                for n, m in layer.named_modules()
+                if isinstance(m, kinds)
             }
         )
         raise ModelError(
@@ -61,6 +77,21 @@ def adapter_config(model: nn.Module, lora: LoraConfig) -> dict:
             f"lora.layers is {lora.layers} but the model has {len(model.layers)} blocks; "
             f"use at most {len(model.layers)} (or leave it out for all)"
         )
+    keys = layer_keys(model, lora.target_modules)
+    if lora.dora:
+        experts = sorted(
+            {
+                n
+                for layer in model.layers
+                for n, m in layer.named_modules()
+                if n in keys and isinstance(m, _expert_layers())
+            }
+        )
+        if experts:
+            raise ModelError(
+                f"lora.dora: mlx-lm has no DoRA for mixture-of-experts layers ({experts[0]}, "
+                "...): leave the experts out of target_modules, or use LoRA"
+            )
     return {
         "fine_tune_type": "dora" if lora.dora else "lora",
         "num_layers": lora.layers or len(model.layers),
@@ -68,7 +99,7 @@ def adapter_config(model: nn.Module, lora: LoraConfig) -> dict:
             "rank": lora.r,
             "scale": lora.scale,
             "dropout": lora.dropout,
-            "keys": layer_keys(model, lora.target_modules),
+            "keys": keys,
         },
     }
 

@@ -69,6 +69,11 @@ class Source:
             self.model, quantization_bits=self.quantization_bits, dtype=self.dtype,
             dequantize=self.dequantize,
         )  # fmt: skip
+        if loaded.vision:
+            raise ConfigError(
+                f"{loaded.path} is a vision-language model: generate with mlx-vlm "
+                "(python -m mlx_vlm.generate --model BASE --adapter-path RUN_DIR --image ...)"
+            )
         if self.adapter is not None:
             load_adapters(loaded.model, str(self.adapter))
         loaded.model.eval()

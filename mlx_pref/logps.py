@@ -26,8 +26,14 @@ from mlx_pref.losses import ld_sequence_logps, log_sum_squared_probs, wpo_pair_w
 
 # Architectures whose forward is exactly ``head(model.model(tokens))``: for these the
 # head can be applied to gathered positions only. Others fall back to full logits.
-SPLIT_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"}
+SPLIT_HEAD_TYPES = {
+    "llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3",
+    "mixtral", "qwen2_moe", "qwen3_moe", "olmoe",
+}  # fmt: skip
 HEAD_CHUNK_ROWS = 1024
+FORWARDS: dict[type, Callable[..., SequenceLogps]] = {}
+"""Model classes whose batches another forward scores, ``forward(model, batch, *, with_p2,
+share_prompt)``: ``vision.model`` registers the vision-language models it loads."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,11 @@ class SequenceLogps:
     num_rows: int
     token_log_sum_p2: mx.array | None = None
     """(M,) log Σ_v p_v² at each scored token (only when asked for: WPO)."""
+    routed: np.ndarray | None = None
+    """One entry per token the model ran on, in order: how many of the batch's rows it
+    stands for (2 for a prompt token a pair shares, 0 for padding). The weight of each
+    token in a MoE router's load-balancing loss, so that it equals the loss over the rows
+    run one by one, as TRL's concatenated forward runs them."""
 
     @property
     def width(self) -> int:
@@ -170,13 +181,15 @@ class Packed:
     targets: np.ndarray
     rows: np.ndarray
     cols: np.ndarray
+    routed: np.ndarray
+    """Per token: the rows it stands for (``SequenceLogps.routed``)."""
 
 
 def pack(batch: Batch, share_prompt: bool = True, multiple: int = 1) -> Packed:
     """Lay ``batch`` out as one row: per example its prompt (once for a pair when
     ``share_prompt``), then its completions. The row is padded at the end to a multiple
     of ``multiple`` with a segment of its own, which no scored token sees."""
-    tokens, segment, parent, position, start = [], [], [], [], []
+    tokens, segment, parent, position, start, routed = [], [], [], [], [], []
     index, targets, rows, cols = [], [], [], []
     n_rows = len(batch.lengths)
     groups = (
@@ -185,19 +198,20 @@ def pack(batch: Batch, share_prompt: bool = True, multiple: int = 1) -> Packed:
         else [[i] for i in range(n_rows)]
     )
 
-    def add(ids: np.ndarray, seg: int, par: int, pos0: int) -> int:
+    def add(ids: np.ndarray, seg: int, par: int, pos0: int, rows: int = 1) -> int:
         at = len(tokens)
         start.append(at)
         tokens.extend(ids.tolist())
         segment.extend([seg] * len(ids))
         parent.extend([par] * len(ids))
         position.extend(range(pos0, pos0 + len(ids)))
+        routed.extend([rows] * len(ids))
         return at
 
     for group in groups:
         plen = int(batch.prompt_lengths[group[0]])
         prompt_seg = len(start)
-        prompt_at = add(batch.tokens[group[0], :plen], prompt_seg, -1, 0)
+        prompt_at = add(batch.tokens[group[0], :plen], prompt_seg, -1, 0, len(group))
         for row in group:
             completion = batch.tokens[row, plen : batch.lengths[row]]
             at = add(completion, len(start), prompt_seg, plen)
@@ -210,7 +224,7 @@ def pack(batch: Batch, share_prompt: bool = True, multiple: int = 1) -> Packed:
                 cols.append(j)
     pad = _round_up(len(tokens), multiple) - len(tokens)
     if pad:
-        add(np.zeros(pad, dtype=np.int32), len(start), -1, 0)
+        add(np.zeros(pad, dtype=np.int32), len(start), -1, 0, rows=0)
     order = np.lexsort((np.array(cols), np.array(rows)))  # row by row, as rows are numbered
     arrays = [np.asarray(a) for a in (index, targets, rows, cols)]
     index_, targets_, rows_, cols_ = (a[order] if len(a) else a for a in arrays)
@@ -218,7 +232,7 @@ def pack(batch: Batch, share_prompt: bool = True, multiple: int = 1) -> Packed:
         np.asarray(segment), np.asarray(parent), np.asarray(position), np.asarray(start)
     )
     return Packed(np.asarray(tokens, dtype=np.int32), segments, index_,
-                  targets_.astype(np.int32), rows_, cols_)  # fmt: skip
+                  targets_.astype(np.int32), rows_, cols_, np.asarray(routed))  # fmt: skip
 
 
 def packed_logps(
@@ -245,7 +259,7 @@ def packed_logps(
     )
     n = len(batch.lengths)
     sums = row_sums(token_logps, packed.rows, n)
-    return SequenceLogps(sums, token_logps, packed.rows, packed.cols, n, p2)
+    return SequenceLogps(sums, token_logps, packed.rows, packed.cols, n, p2, packed.routed)
 
 
 def padded_logps(model: nn.Module, batch: Batch, *, with_p2: bool = False) -> SequenceLogps:
@@ -265,7 +279,8 @@ def padded_logps(model: nn.Module, batch: Batch, *, with_p2: bool = False) -> Se
         token_logps, p2 = score_hidden(body(inputs), head, flat, targets, with_p2)
     else:  # unknown architecture: full logits, gathered before the log-softmax
         token_logps, p2 = score_hidden(model(inputs), lambda h: h, flat, targets, with_p2)
-    return SequenceLogps(row_sums(token_logps, rows, n), token_logps, rows, cols, n, p2)
+    routed = (np.arange(t - 1)[None, :] < batch.lengths[:, None]).reshape(-1)
+    return SequenceLogps(row_sums(token_logps, rows, n), token_logps, rows, cols, n, p2, routed)
 
 
 def sequence_logps(
@@ -283,7 +298,11 @@ def sequence_logps(
     once), ``padded`` (right-padded rows), or ``auto`` (packed where the model allows).
     ``with_p2`` also returns ``log Σ_v p_v²`` per scored token (WPO).
     ``recompute``: what the backward pass computes again instead of keeping.
+    A model class in ``FORWARDS`` is scored by its own forward instead.
     """
+    other = FORWARDS.get(type(model))
+    if other is not None:
+        return other(model, batch, with_p2=with_p2, share_prompt=share_prompt)
     if layout != "padded":
         out = packed_logps(
             model, batch, with_p2=with_p2, share_prompt=share_prompt,

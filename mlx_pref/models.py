@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_pref import backend
+from mlx_pref import backend, moe
 from mlx_pref.errors import ModelError
 
 HUB_PATTERNS = [
@@ -56,6 +56,9 @@ class LoadedModel:
     """The quantization actually applied to a float base (None if none, or if it fell back)."""
     dequantized: bool = False
     """A quantized base was turned into float weights (asked for, or chosen on the CPU)."""
+    vision: bool = False
+    """A vision-language model (mlx-vlm's; ``vision.model``), its tokenizer a
+    ``VisionTokenizer``."""
 
 
 def resolve_model_path(spec: str | None) -> Path:
@@ -116,6 +119,18 @@ def read_model_config(path: Path) -> dict:
         raise ModelError(f"{path / 'config.json'}: cannot read it ({first_line(exc)})") from None
 
 
+def _config_or_none(path: Path) -> dict | None:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_vision_config(config: dict) -> bool:
+    """Whether a model folder's config describes a vision-language model (mlx-vlm's)."""
+    return isinstance(config, dict) and isinstance(config.get("vision_config"), dict)
+
+
 def load_checked_tokenizer(path: Path, eos_token_ids=None):
     """mlx-lm's tokenizer for a model folder, or a one-line ModelError saying what is missing."""
     from mlx_lm.utils import load_tokenizer
@@ -148,7 +163,10 @@ def quantize_base(model: nn.Module, bits: int) -> None:
 
 def enable_grad_checkpoint(model: nn.Module, every: int = 1) -> None:
     """Recompute every ``every``-th transformer block in the backward pass instead of
-    storing its activations: less memory for about one more forward pass of compute."""
+    storing its activations: less memory for about one more forward pass of compute.
+    What the block's MoE routers record (``moe.record``) leaves it as outputs of the
+    recomputed function: kept by a side channel instead, the logits would hold on to the
+    block's activations (measured on a 4-block Mixtral: 772 MB peak against 541 MB)."""
     for layer in model.layers[::every]:
         cls = type(layer)
         if getattr(cls, "_checkpointed", False):
@@ -158,9 +176,14 @@ def enable_grad_checkpoint(model: nn.Module, every: int = 1) -> None:
         def checkpointed(self, *args, _call=call, **kwargs):
             def inner(params, *args, **kwargs):
                 self.update(params)
-                return _call(self, *args, **kwargs)
+                with moe.recording() as router_logits:
+                    out = _call(self, *args, **kwargs)
+                return out, router_logits
 
-            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+            out, router_logits = mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+            for logits in router_logits:
+                moe.record(logits)
+            return out
 
         # A subclass per instance: other models of the same class are left alone.
         layer.__class__ = type(
@@ -254,6 +277,12 @@ def _load(spec: str | None) -> tuple[nn.Module, object, dict, Path]:
     from mlx_lm.utils import load_model as mlx_load_model
 
     path = resolve_model_path(spec)
+    config = _config_or_none(path) or {}
+    if is_vision_config(config):
+        from mlx_pref.vision.model import load_vision
+
+        model, tokenizer = load_vision(path, config)
+        return model, tokenizer, config, path
     try:
         model, config = mlx_load_model(path, lazy=False)
     except (ValueError, RuntimeError, OSError) as exc:  # RuntimeError: a damaged file
@@ -279,6 +308,7 @@ def load_model(
     from mlx_lm.utils import dequantize_model
 
     model, tokenizer, config, path = _load(spec)
+    vision = is_vision_config(config)
     quantized = any(isinstance(m, QUANTIZED) for _, m in model.named_modules())
     compute = getattr(mx, dtype) if dtype else mx.float32
     choice = resolve_quantization(
@@ -294,7 +324,7 @@ def load_model(
     applied = None
     if choice.bits is not None:
         try:
-            quantize_base(model, choice.bits)
+            quantize_base(model.language_model if vision else model, choice.bits)
             mx.eval(model.parameters())
             applied = choice.bits
         except (RuntimeError, ValueError) as exc:  # a mode this backend lacks
@@ -303,4 +333,4 @@ def load_model(
                 "training the unquantized base instead"
             )
     mx.eval(model.parameters())
-    return LoadedModel(model, tokenizer, path, config, notes, applied, choice.dequantize)
+    return LoadedModel(model, tokenizer, path, config, notes, applied, choice.dequantize, vision)

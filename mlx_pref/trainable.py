@@ -40,7 +40,10 @@ class Adapters:
 
     def __init__(self, loaded: LoadedModel, cfg):
         self.model = loaded.model
-        self.config, self.start_weights = attach_adapters(self.model, cfg.lora, cfg.adapter)
+        attach = attach_adapters
+        if loaded.vision:  # on the language model only, in mlx-vlm's spelling
+            from mlx_pref.vision.model import attach_vision_adapters as attach
+        self.config, self.start_weights = attach(self.model, cfg.lora, cfg.adapter)
         """The adapter config written with the weights, and the SFT adapter the run
         started from (the reference keeps it), if any."""
 

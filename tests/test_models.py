@@ -109,3 +109,25 @@ def test_cpu_skips_quantizing_a_float_base_unless_asked_and_records_it(make_conf
     assert (trainer.config.quantization, trainer.config.dequantize) == (None, False)
     with pytest.raises(Exception, match="quantization and dequantize exclude each other"):
         make_config(quantization="4bit", dequantize=True)
+
+
+def test_vision_language_folders_say_what_they_need(tmp_path, monkeypatch):
+    """A config with a vision_config goes to mlx-vlm: a missing mlx-vlm or an architecture
+    the vision forward is not written for is one line (no weights are read first)."""
+    import json
+    import sys
+
+    folder = tmp_path / "vlm"
+    folder.mkdir()
+    config = {"model_type": "llava", "vision_config": {"model_type": "clip_vision_model"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ModelError, match=r"'llava' is not supported .*supported: qwen2_vl, qwen2_5_vl$"
+    ):
+        load_model(str(folder))
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "qwen2_vl"}))
+    monkeypatch.setitem(sys.modules, "mlx_vlm", None)
+    monkeypatch.setitem(sys.modules, "mlx_vlm.utils", None)
+    with pytest.raises(ModelError, match=r"^vision-language models load through mlx-vlm, .*"
+                       r"pip install 'mlx-pref\[vision\]'$"):  # fmt: skip
+        load_model(str(folder))

@@ -148,6 +148,8 @@ def check_optimisation(cfg) -> None:
         raise ConfigError(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.warmup_ratio and cfg.warmup_steps:
         raise ConfigError("warmup_steps and warmup_ratio exclude each other: set one")
+    if cfg.router_aux_loss_coef < 0:
+        raise ConfigError(f"router_aux_loss_coef must be >= 0, got {cfg.router_aux_loss_coef}")
     if cfg.weight_decay < 0:
         raise ConfigError(f"weight_decay must be >= 0, got {cfg.weight_decay}")
     if cfg.max_grad_norm is not None:

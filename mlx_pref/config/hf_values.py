@@ -241,6 +241,14 @@ def max_length(value: Any, raw: dict, t: Translation) -> None:
         t.set("max_length", value, "max_length")
 
 
+def router_aux(value: Any, raw: dict, t: Translation) -> None:
+    """TRL 1.x leaves it null to take the model config's own coefficient."""
+    if value is None:
+        t.ignored.append("router_aux_loss_coef null (mlx-pref's default 0.001 applies)")
+    else:
+        t.set("router_aux_loss_coef", value, "router_aux_loss_coef")
+
+
 TRL_VALUE_RULES: dict[str, Rule] = {
     "trainer": _consumed,
     "loss_type": _consumed,
@@ -270,4 +278,5 @@ TRL_VALUE_RULES: dict[str, Rule] = {
     "push_to_hub": push,
     "is_encoder_decoder": encoder_decoder,
     "max_length": max_length,
+    "router_aux_loss_coef": router_aux,
 }

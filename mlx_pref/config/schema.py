@@ -101,6 +101,9 @@ class Config:
     prompt_sample_size: int = 1024
     min_density_ratio: float = 0.5
     max_density_ratio: float = 10.0
+    router_aux_loss_coef: float = 0.001
+    """Mixture-of-Experts models: weight of the router's load-balancing loss added to the
+    preference loss (TRL's ``router_aux_loss_coef``); 0 turns it off."""
     loss_params: dict[str, Any] = field(default_factory=dict)
     """Parameters of individual losses (simpo_gamma, discopop_tau, rpo_alpha, ...), written
     at the top level of a config file; only those set are passed, others keep each loss's

@@ -46,7 +46,7 @@ TRL_IGNORED = {
     "ddp_find_unused_parameters", "ddp_backend", "ddp_timeout", "local_rank", "use_cpu",
     "bf16", "fp16", "tf32", "bf16_full_eval", "fp16_full_eval", "half_precision_backend",
     "torch_compile", "torch_compile_backend", "torch_empty_cache_steps", "use_liger_kernel",
-    "use_liger_loss", "use_logits_to_keep", "activation_offloading", "router_aux_loss_coef",
+    "use_liger_loss", "use_logits_to_keep", "activation_offloading",
     "gradient_checkpointing_kwargs", "attn_implementation", "trust_remote_code",
     "model_init_kwargs", "ref_model_init_kwargs", "save_safetensors", "save_only_model",
     "overwrite_output_dir", "do_train", "do_eval", "hub_strategy", "hub_token",

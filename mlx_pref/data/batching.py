@@ -29,6 +29,8 @@ class PairExample:
     rejected: tuple[int, ...]
     source: str = ""
     """Where it came from, ``file:line``, for messages."""
+    images: tuple = ()
+    """The prompt's images (``vision.images.ImageRef``); their tokens are in ``prompt``."""
 
     @property
     def length(self) -> int:
@@ -43,6 +45,7 @@ class UnpairedExample:
     completion: tuple[int, ...]
     label: bool
     source: str = ""
+    images: tuple = ()
 
     @property
     def length(self) -> int:
@@ -69,6 +72,8 @@ class Batch:
     paired: bool
     indices: np.ndarray
     """Dataset positions of the examples in this batch (for per-example caches)."""
+    images: list[tuple] | None = None
+    """Each example's prompt images, in example order (None: no example has any)."""
 
     @property
     def completion_lengths(self) -> np.ndarray:
@@ -119,6 +124,7 @@ def collate(examples: Sequence[Example], indices: Sequence[int] | None = None) -
         labels=labels,
         paired=paired,
         indices=np.asarray(list(indices), dtype=np.int64),
+        images=[e.images for e in examples] if any(e.images for e in examples) else None,
     )
 
 
@@ -214,7 +220,8 @@ def mismatched(batch: Batch) -> Batch:
         j = i - 1
         prompt = tuple(batch.tokens[i, : batch.prompt_lengths[i]].tolist())
         completion = tuple(batch.tokens[j, batch.prompt_lengths[j] : batch.lengths[j]].tolist())
-        rows.append(UnpairedExample(prompt, completion, True))
+        images = batch.images[i % batch.num_examples] if batch.images else ()
+        rows.append(UnpairedExample(prompt, completion, True, images=images))
     return collate(rows, np.arange(len(rows)))
 
 

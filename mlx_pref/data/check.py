@@ -1,8 +1,9 @@
 """``mlx-pref data check``: load a dataset exactly as training would and summarise it.
 
 The summary says what was read (files, formats), what was kept, truncated or dropped and
-why (with the first few ``file:line`` examples), token length statistics, and the
-padding fraction of the epoch's batches with length bucketing and without.
+why (with the first few ``file:line`` examples), the images of vision data (how many,
+their sizes, their tokens), token length statistics, and the padding fraction of the
+epoch's batches with length bucketing and without.
 """
 
 from __future__ import annotations
@@ -40,6 +41,57 @@ class LengthStats:
         )
 
 
+@dataclass(frozen=True)
+class ImageStats:
+    """What a vision dataset's images are: how many, how large, how many tokens."""
+
+    images: int
+    rows_with: int
+    rows: int
+    widths: LengthStats
+    heights: LengthStats
+    megabytes: float
+    """Encoded size of the distinct images."""
+    tokens: LengthStats | None
+    """Image tokens per prompt that has images (None: the tokenizer has no image token)."""
+
+    @classmethod
+    def of(cls, dataset: Dataset, image_token_id: int | None) -> ImageStats | None:
+        ex = dataset.examples
+        refs = [r for e in ex for r in e.images]
+        if not refs:
+            return None
+        distinct = {r.digest: r for r in refs}.values()
+        with_images = [e for e in ex if e.images]
+        tokens = None
+        if image_token_id is not None:
+            tokens = LengthStats.of([e.prompt.count(image_token_id) for e in with_images])
+        return cls(
+            len(refs),
+            len(with_images),
+            len(ex),
+            LengthStats.of([r.width for r in refs]),
+            LengthStats.of([r.height for r in refs]),
+            sum(len(r.data()) for r in distinct) / 1e6,
+            tokens,
+        )
+
+    def lines(self) -> list[str]:
+        def span(s: LengthStats) -> str:
+            return f"{s.min} / {s.median:.0f} / {s.max}"
+
+        out = [
+            f"images: {self.images} in {self.rows_with} of {self.rows} rows "
+            f"({self.megabytes:.2f} MB of distinct image files)",
+            f"  width (px)      min / median / max  {span(self.widths)}",
+            f"  height (px)     min / median / max  {span(self.heights)}",
+        ]
+        if self.tokens is not None:
+            t = self.tokens
+            out.append(f"  image tokens    min / mean / max    {t.min} / {t.mean:.1f} / {t.max}")
+        return out
+
+
 @dataclass
 class CheckResult:
     """A loaded dataset with its length statistics and padding fractions."""
@@ -50,6 +102,7 @@ class CheckResult:
     padding_bucketed: float
     padding_unbucketed: float
     system_prompt: str | None = None
+    images: ImageStats | None = None
 
     def format(self) -> str:
         """The human-readable summary ``mlx-pref data check`` prints."""
@@ -76,6 +129,8 @@ class CheckResult:
         for reason, n in report.reasons.most_common():
             lines.append(f"  {reason}: {n}")
             lines.extend(f"    {example}" for example in report.examples[reason])
+        if self.images is not None:
+            lines.extend(self.images.lines())
         lines.append("tokens: min / mean / median / p95 / max")
         width = max(len(k) for k in self.lengths)
         for key, s in self.lengths.items():
@@ -124,12 +179,14 @@ def check_dataset(
         padding_fraction(dataset.examples, batch_size, seed=cfg.seed, bucket=True),
         padding_fraction(dataset.examples, batch_size, seed=cfg.seed, bucket=False),
         cfg.system_prompt,
+        ImageStats.of(dataset, getattr(tokenizer, "image_token_id", None)),
     )
 
 
 def load_tokenizer(spec: str | None):
     """Only the tokenizer of a model (directory, Hub id, ``.gguf``, or the embedded one)."""
     from mlx_pref.models import (
+        is_vision_config,
         load_checked_tokenizer,
         load_model,
         read_model_config,
@@ -139,4 +196,9 @@ def load_tokenizer(spec: str | None):
     if spec is not None and str(spec).endswith(".gguf"):
         return load_model(spec).tokenizer
     path = resolve_model_path(spec)
-    return load_checked_tokenizer(path, read_model_config(path).get("eos_token_id"))
+    config = read_model_config(path)
+    if is_vision_config(config):  # the processor too: it turns images into tokens
+        from mlx_pref.vision.processor import load_vision_tokenizer
+
+        return load_vision_tokenizer(path, config)
+    return load_checked_tokenizer(path, config.get("eos_token_id"))

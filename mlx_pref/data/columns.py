@@ -24,7 +24,7 @@ FIELDS = {
     "unpaired": ("prompt", "completion", "label"),
 }
 KNOWN_FIELDS = {"prompt", "chosen", "rejected", "completion", "label"}
-MAPPABLE = ("prompt", "chosen", "rejected", "completion", "label", "system")
+MAPPABLE = ("prompt", "chosen", "rejected", "completion", "label", "system", "images")
 """Fields the ``columns`` option can read from another column."""
 PROMPT_COLUMNS = ("question", "instruction", "input", "query")
 """Columns read as the prompt when a row has none, in this order of preference."""
@@ -81,7 +81,7 @@ def infer_columns(row: Any, explicit: dict[str, str]) -> dict[str, str]:
 def wanted_columns(names: list[str], explicit: dict[str, str]) -> list[str] | None:
     """Of a columnar file's columns, those any field could be read from; None (read them
     all) when they would not make a recognisable row, so that messages show every name."""
-    wanted = {*MAPPABLE, *PROMPT_COLUMNS, *COMPLETION_COLUMNS, *explicit.values()}
+    wanted = {*MAPPABLE, "image", *PROMPT_COLUMNS, *COMPLETION_COLUMNS, *explicit.values()}
     keep = [n for n in names if n in wanted]
     probe = dict.fromkeys(keep, "")
     if detect_format(remap(probe, {**explicit, **infer_columns(probe, explicit)})) is None:

@@ -12,7 +12,9 @@ Formats (TRL's dataset types, by the fields a row has):
 With ``format: auto`` each file's format is detected from its first row that has a
 recognisable set of fields; every row of the file is then read as that format. Fields
 may come from other columns (``columns.py``); a ``system`` column or the ``system_prompt``
-option gives each row a system message (see ``tokenize.with_system``).
+option gives each row a system message (see ``tokenize.with_system``). A row of any
+format may carry ``images`` (``vision.images``); a message's content may then be a list
+of ``{type: text}`` and ``{type: image}`` parts (TRL's vision format).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from mlx_pref.data.implicit import Messages, Text, extract_prompt, transcript_me
 from mlx_pref.data.report import FileSummary, Report
 from mlx_pref.data.sources import DataFile, RawRow, read_rows
 from mlx_pref.errors import DataError
+from mlx_pref.vision.images import ImageProblem, row_images
 
 __all__ = [
     "FORMATS",
@@ -66,6 +69,8 @@ class Record:
     system: str | None = None
     """The row's system message ("" for none) when its file has a system column or a
     ``system_prompt`` is set; None otherwise (the row is read as it is)."""
+    images: tuple = ()
+    """The row's images (``vision.images.ImageRef``), in the order the prompt shows them."""
 
     @property
     def paired(self) -> bool:
@@ -178,23 +183,48 @@ def _messages(row: dict, key: str, where: str, fmt: str, completion: bool = True
         if not (
             isinstance(message, dict)
             and isinstance(message.get("role"), str)
-            and isinstance(message.get("content"), str)
+            and (isinstance(message.get("content"), str) or _parts(message.get("content")))
         ):
             raise RowError(
                 "wrong type",
                 f"{where}: field '{key}' message {i} must be an object with string 'role' and "
-                f"'content', got {kind(message) if not isinstance(message, dict) else message!r:.80}",
+                "'content' (a string, or a list of {type: text, text} and {type: image} "
+                f"parts), got {kind(message) if not isinstance(message, dict) else message!r:.80}",
             )
     if completion and _blank(value):
         raise RowError("empty completion", f"{where}: field '{key}' has only empty messages")
     return [dict(m) for m in value]
 
 
+def _parts(content: Any) -> bool:
+    """Whether ``content`` is a list of content parts (TRL's vision format): text parts
+    with their text, and image placeholders (the row's ``images`` fill them in order)."""
+    return (
+        isinstance(content, list)
+        and bool(content)
+        and all(
+            isinstance(p, dict)
+            and (
+                p.get("type") == "image"
+                or (p.get("type") == "text" and isinstance(p.get("text"), str))
+            )
+            for p in content
+        )
+    )
+
+
+def message_text(content: str | list) -> str:
+    """A message's text: the content, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] for p in content if p.get("type") == "text")
+
+
 def _blank(value: Text) -> bool:
     """No text to score: whitespace, or messages holding only whitespace."""
     if isinstance(value, str):
         return not value.strip()
-    return not any(m["content"].strip() for m in value)
+    return not any(message_text(m["content"]).strip() for m in value)
 
 
 def _distinct(chosen: Text, rejected: Text, where: str) -> None:
@@ -346,11 +376,12 @@ def read_records(f: DataFile, reading: Reading | str, report: Report) -> Iterato
         try:
             record = normalise(value, fmt, row.where, text=row.text)
             system = _system(value, row.where) if isinstance(value, dict) else None
-        except RowError as exc:
+            images = row_images(value, row.where, f.path.parent)
+        except (RowError, ImageProblem) as exc:
             report.problem(exc.reason, exc.message, f.name)
             continue
         if reading.system_prompt is not None and not system:
             system = reading.system_prompt
-        yield replace(record, file=f.name, line=row.line, format=fmt, system=system)
+        yield replace(record, file=f.name, line=row.line, format=fmt, system=system, images=images)
     if summary.rows == 0:
         raise DataError(f"{f.name}: the file holds no rows")

@@ -15,6 +15,10 @@
   chat template: rows that carry one are rendered as chat, ``[system, user: prompt]``
   then ``assistant: completion`` (``with_system``); without a template the system text
   and a blank line go in front of a plain prompt.
+- Rows with images need a vision-language model's tokenizer (``vision.processor``): it
+  puts them in TRL's vision format and its processor turns each image placeholder into
+  the image's tokens. Those tokens are never truncated: the prompt of such a row stays
+  whole and only its completions are cut.
 """
 
 from __future__ import annotations
@@ -218,6 +222,27 @@ def encode_prompt(tokenizer, prompt: str | list[dict], chat: bool = True) -> Ids
     return ids
 
 
+def with_images(record: Record, tokenizer) -> Record:
+    """A row with images, in its vision-language model's format (``vision.processor``);
+    a text-only model cannot take one. Rows without images are left as they are."""
+    if not record.images:
+        return record
+    if getattr(tokenizer, "processor", None) is None:
+        name = getattr(tokenizer, "name_or_path", "") or "the model"
+        raise DataError(
+            f"{record.where}: the row has images but {name} is a text-only model: train a "
+            "vision-language model (pip install 'mlx-pref[vision]'), or leave the images out"
+        )
+    return tokenizer.with_images(record)
+
+
+def _encode_prompts(tokenizer, rendered: list, encode) -> list[Ids]:
+    texts = [prompt for _, prompt, _ in rendered]
+    if getattr(tokenizer, "processor", None) is None:
+        return encode(texts)
+    return tokenizer.encode_prompts(texts, [record.images for record, _, _ in rendered], encode)
+
+
 def tokenize_records(
     records: Iterable[Record], tokenizer, limits: Truncation, report: Report
 ) -> list[Example]:
@@ -241,10 +266,11 @@ def tokenize_records(
                     "'prompt', 'chosen' and 'rejected' as plain strings"
                 )
             try:
+                record = with_images(record, tokenizer)
                 rendered.append((record, *render(record, tokenizer)))
             except RowError as exc:
                 report.problem(exc.reason, exc.message, record.file)
-        prompts = encode([p for _, p, _ in rendered])
+        prompts = _encode_prompts(tokenizer, rendered, encode)
         flat = encode([c for _, _, cs in rendered for c in cs])
         pos = 0
         for (record, _, texts), prompt in zip(rendered, prompts, strict=True):
@@ -282,14 +308,20 @@ def _example(
         return None
     if bos_id is not None and prompt[:1] != (bos_id,):
         prompt = (bos_id, *prompt)
+    if record.images:  # an image's tokens are never cut: the prompt stays whole
+        limits = replace(limits, max_prompt_length=None, mode="keep_start")
     cut = truncate(prompt, completions, limits, bos_id)
     if cut is None:
         n = min(len(prompt), limits.max_prompt_length or len(prompt))
+        fix = (
+            "its images' tokens included, which are never cut; raise max_length"
+            if record.images
+            else "raise max_length, set max_prompt_length, or use truncation_mode keep_end"
+        )
         report.problem(
             "no room for completion",
             f"{where}: field 'prompt' has {n} tokens, leaving no room for a completion within "
-            f"max_length {limits.max_length} (raise max_length, set max_prompt_length, or use "
-            "truncation_mode keep_end)",
+            f"max_length {limits.max_length} ({fix})",
             record.file,
         )
         return None
@@ -305,5 +337,7 @@ def _example(
         return None
     report.count_truncation(cut.prompt_cut, cut.completion_cut)
     if record.paired:
-        return PairExample(cut.prompt, *cut.completions, source=where)
-    return UnpairedExample(cut.prompt, cut.completions[0], record.label, source=where)
+        return PairExample(cut.prompt, *cut.completions, source=where, images=record.images)
+    return UnpairedExample(
+        cut.prompt, cut.completions[0], record.label, source=where, images=record.images
+    )

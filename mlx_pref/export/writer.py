@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mlx_pref.checkpoint import CHECKPOINTS
 from mlx_pref.config import EXPORT_FORMATS, GGUF_QUANTS
+from mlx_pref.errors import MlxPrefError
 from mlx_pref.export.fused import write_full, write_fused
 from mlx_pref.export.gguf_lora import write_gguf_lora
 from mlx_pref.export.gguf_model import write_gguf
@@ -22,6 +23,7 @@ from mlx_pref.export.hub import push_to_hub, validate_repo_id
 from mlx_pref.export.mlx import write_mlx
 from mlx_pref.export.peft import write_peft
 from mlx_pref.export.run import Destination, ExportError, Run, identify_base, read_run
+from mlx_pref.models import is_vision_config
 from mlx_pref.rundir import OutputError, check_output, read_marker, record, swap_in
 
 FORMATS = EXPORT_FORMATS
@@ -80,6 +82,11 @@ def export_run(
         "gguf": partial(write_gguf, quant=quant or GGUF_QUANTS[0]),
         "gguf-lora": write_gguf_lora,
     }[fmt]
+    if fmt != "mlx" and _vision_base(info):
+        raise ExportError(
+            f"{run_dir} trained a vision-language model: its adapter exports as --format mlx, "
+            "which mlx_vlm.load(BASE, adapter_path=...) reads"
+        )
     if run.full and fmt in ("peft", "gguf-lora"):
         raise ExportError(
             f"{run_dir} is a full fine-tuning run: it has no adapter to write in "
@@ -93,6 +100,16 @@ def export_run(
         lambda tmp: writer(run, info, tmp, Destination(output, repo_id), dequantize),
         run.root,
     )
+
+
+def _vision_base(info) -> bool:
+    """Whether the run's base is a vision-language model (mlx-vlm's)."""
+    if info.gguf:
+        return False
+    try:
+        return is_vision_config(info.config())
+    except (MlxPrefError, OSError, ValueError):
+        return False  # the format's own reading of the base says what is wrong
 
 
 def _check_output(output: Path, run: Run, overwrite: bool) -> None:

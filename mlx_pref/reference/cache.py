@@ -3,7 +3,7 @@
 Values live on disk under a fingerprint of everything they depend on: the scoring
 model's weights, quantization and dtype, the reference adapter's weights, LD-DPO's
 alpha, and the tokenized examples (which already encode the tokenizer, chat template,
-data and truncation settings). A changed input changes the fingerprint, so a stale cache
+data and truncation settings) with the bytes of their images. A changed input changes the fingerprint, so a stale cache
 is never read. The file holds each row's value and whether it was scored yet: a run
 scores only the rows its steps use and saves them with each checkpoint, and a resumed
 run, a second epoch or another loss of a sweep reads them back. ``prepare`` (the
@@ -51,7 +51,8 @@ def model_fingerprint(model_path: Path) -> str:
 
 
 def dataset_fingerprint(examples) -> str:
-    """SHA-256 over the token ids (and labels) of every example, in order."""
+    """SHA-256 over the token ids (and labels) of every example, in order, and over the
+    bytes of its images (their digests: the tokens of an image say only its size)."""
     digest = hashlib.sha256()
     for e in examples:
         parts = (
@@ -62,6 +63,8 @@ def dataset_fingerprint(examples) -> str:
         for part in parts:
             digest.update(np.asarray(part, dtype=np.int64).tobytes())
             digest.update(b"|")
+        for image in e.images:
+            digest.update(f"image:{image.digest}|".encode())
     return digest.hexdigest()
 
 

@@ -43,6 +43,8 @@ def header_lines(trainer) -> list[str]:
         params = trainer.adapter_config["lora_parameters"]
         kind_name = "DoRA" if trainer.adapter_config.get("fine_tune_type") == "dora" else "LoRA"
         keys = params.get("keys")
+        if keys and trainer.loaded.vision:  # full paths, block by block
+            keys = keys[: len(keys) // trainer.adapter_config["num_layers"]]
         where = f"{len(keys)} modules per block" if keys else "mlx-lm's default modules"
         what = f"{kind_name} rank {params['rank']} on {where}"
     lines.append(
@@ -59,6 +61,9 @@ def header_lines(trainer) -> list[str]:
     if memory:
         lines.append(memory)
     lines.append(f"reference: {trainer.reference.describe()}")
+    router = trainer.objective.router
+    if router is not None:
+        lines.append(router.describe(cfg.router_aux_loss_coef))
     return lines
 
 

@@ -25,9 +25,10 @@ from mlx_pref.data import Batch, BatchPlan, Dataset, load_datasets
 from mlx_pref.errors import ConfigError, Interrupted, NonFiniteError
 from mlx_pref.generate import answer
 from mlx_pref.logps import set_compile
-from mlx_pref.losses import beta_at, prepare_loss, supplied_inputs
+from mlx_pref.losses import beta_at, prepare_loss
 from mlx_pref.memory import apply_plan, epoch_steps, plan_run
 from mlx_pref.models import LoadedModel, load_model
+from mlx_pref.moe import has_experts
 from mlx_pref.progress import METRICS_FILE, MetricsLog, Progress, format_metrics
 from mlx_pref.reference import make_reference, refresh, start_reference
 from mlx_pref.reporting import Reporters
@@ -35,16 +36,22 @@ from mlx_pref.rundir import check_output, claim, record
 from mlx_pref.train import checkpointing
 from mlx_pref.train.evaluation import eval_order, evaluate_dataset
 from mlx_pref.train.header import Eta, header_lines
-from mlx_pref.train.inputs import UDM
-from mlx_pref.train.preflight import check_context, check_data, check_hub_login
-from mlx_pref.train.step import Objective, StepResult, loss_and_grad, lr_schedule, train_step
+from mlx_pref.train.preflight import (
+    check_context,
+    check_data,
+    check_hub_login,
+    check_model_fits_config,
+)
+from mlx_pref.train.step import StepResult, loss_and_grad, lr_schedule, make_objective, train_step
 from mlx_pref.train.stopping import StopRequest, non_finite_message
 from mlx_pref.train.watch import BEST, EvalWatch, save_best
 from mlx_pref.trainable import make_trainable
 
 SAMPLES_FILE = "samples.jsonl"
-LOG_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "tokens_per_sec")
+LOG_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "aux_loss", "tokens_per_sec")
 EVAL_KEYS = ("eval/loss", "eval/rewards/accuracies", "eval/rewards/margins")
+EVAL_LOG_KEYS = (*EVAL_KEYS, "eval/aux_loss")
+"""What each evaluation prints (``aux_loss``: Mixture-of-Experts models only)."""
 
 
 class Trainer:
@@ -72,14 +79,17 @@ class Trainer:
             cfg, dequantize=self.loaded.dequantized, quantization=quantization
         )
         self.model, self.tokenizer = self.loaded.model, self.loaded.tokenizer
+        check_model_fits_config(cfg, self.loaded)
         backend.set_wired_limit()  # Metal: keep the weights resident between steps
         for note in [*cfg.notes, *self.loaded.notes]:  # foreign names read, the base's dtype
             self.log(note)
         self.trainable = make_trainable(self.loaded, cfg)
         loss = prepare_loss(cfg.loss, label_smoothing=cfg.label_smoothing, **cfg.loss_params)
+        # A router's load-balancing loss is not a sum over rows: sub-batches would change it.
+        split_ok = loss.decomposable and not (cfg.router_aux_loss_coef and has_experts(self.model))
         # Before any data is read: the settings must fit the model and the memory.
         check_context(cfg, self.loaded.config)
-        plan_run(self.model, cfg, None, loss.decomposable)
+        plan_run(self.model, cfg, None, split_ok)
         set_compile(cfg.compile)
         self.train_set, self.eval_set = load_datasets(cfg, self.tokenizer)
         for line in check_data(cfg, self.train_set, self.eval_set):
@@ -99,7 +109,7 @@ class Trainer:
         )  # fmt: skip
         separate = getattr(getattr(reference, "scorer", reference), "model", self.model)
         self.memory = plan_run(
-            self.model, cfg, epoch_steps(self.plan), loss.decomposable,
+            self.model, cfg, epoch_steps(self.plan), split_ok,
             None if separate is self.model else separate,
         )  # fmt: skip
         apply_plan(self.memory, self.model, self.plan)
@@ -107,12 +117,10 @@ class Trainer:
         if self.eval_set is not None:
             orders["eval"] = eval_order(cfg, self.eval_set, self.world, rank)
         start_reference(reference, {"train": self.train_set, "eval": self.eval_set}, orders)
-        self.objective = Objective(
-            self.model, cfg, loss, reference, supplied_inputs(cfg.loss, vars(cfg)),
-            beta=cfg.beta, recompute=self.memory.settings.recompute,
+        self.objective = make_objective(
+            cfg, self.model, loss, reference, self.train_set, self.log, self.verbose,
+            recompute=self.memory.settings.recompute,
         )  # fmt: skip
-        if cfg.bco_udm:
-            self.objective.udm = UDM(cfg, self.model, self.train_set, self.log, self.verbose)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.optimizer = optim.AdamW(
             learning_rate=lr_schedule(cfg, self.total_steps), weight_decay=cfg.weight_decay
@@ -306,7 +314,7 @@ class Trainer:
                 self.samples_log.write(row)
         if metrics:
             self._record({"step": self.step, **metrics})
-            self.log(f"eval step {self.step}: " + format_metrics(metrics, EVAL_KEYS))
+            self.log(f"eval step {self.step}: " + format_metrics(metrics, EVAL_LOG_KEYS))
         if self.watch.observe(self.step, metrics) and self.is_main:
             save_best(self, self.watch)
         if self.watch.stopped:

@@ -1,5 +1,6 @@
 """Checks a run passes before it trains, beyond its config's own: the loss fits the data,
-the Hub login is there. Each fails with one line, before hours are spent."""
+the Hub login is there, the model can do what the config asks. Each fails with one line,
+before hours are spent."""
 
 from __future__ import annotations
 
@@ -67,3 +68,20 @@ def check_context(cfg, model_config: dict) -> None:
             f"max_length {cfg.max_length} is past the {limit} positions the model was built "
             "for (max_position_embeddings in its config.json): lower max_length"
         )
+
+
+def check_model_fits_config(cfg, loaded) -> None:
+    """What a vision-language model is not trained with here (yet)."""
+    if not loaded.vision:
+        return
+    refused = [
+        ("fine_tune: full", cfg.full, "train LoRA adapters on its language model"),
+        ("generate_during_eval", cfg.generate_during_eval, "sample with mlx_vlm.generate"),
+        ("bco_udm", cfg.bco_udm, "it embeds text prompts with a text model's body"),
+        ("push_to_hub", bool(cfg.push_to_hub), "upload the run's adapter folder yourself"),
+    ]
+    for what, asked, instead in refused:
+        if asked:
+            raise ConfigError(
+                f"{what} is not available for the vision-language model {loaded.path} ({instead})"
+            )

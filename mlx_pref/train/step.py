@@ -19,10 +19,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_map
 
-from mlx_pref import backend
+from mlx_pref import backend, moe
 from mlx_pref.data import Batch, Dataset
 from mlx_pref.logps import Recompute, row_logps, sequence_logps
-from mlx_pref.losses import LossState, PreparedLoss
+from mlx_pref.losses import LossState, PreparedLoss, supplied_inputs
 from mlx_pref.reference import Reference
 from mlx_pref.train.inputs import UDM, provide
 
@@ -40,9 +40,35 @@ class Objective:
     loss_state: LossState = field(default_factory=LossState)
     udm: UDM | None = None
     beta: float = 0.1
+    """β of the current step (the loop moves it along its schedule)."""
     recompute: Recompute = Recompute()
     """What the backward pass recomputes (the memory plan's choice)."""
-    """β of the current step (the loop moves it along its schedule)."""
+    router: moe.Router | None = None
+    """A MoE model's recording routers: their load-balancing loss, weighted by
+    ``router_aux_loss_coef``, is added to the loss (None: no auxiliary loss)."""
+
+
+def make_objective(cfg, model: nn.Module, loss: PreparedLoss, reference: Reference,
+                   train_set: Dataset, log, progress: bool = False,
+                   recompute: Recompute | None = None) -> Objective:  # fmt: skip
+    """The run's objective: its loss and the extra inputs the loss needs, BCO's UDM, and a
+    MoE model's recording routers when ``router_aux_loss_coef`` is on. Built once the
+    adapters are in place (a LoRA adapter on a router is part of what it records)."""
+    inputs = supplied_inputs(cfg.loss, vars(cfg))
+    obj = Objective(
+        model, cfg, loss, reference, inputs, beta=cfg.beta, recompute=recompute or Recompute()
+    )
+    if cfg.bco_udm:
+        obj.udm = UDM(cfg, model, train_set, log, progress)
+    if cfg.router_aux_loss_coef:
+        obj.router = moe.install(model)
+        if obj.router is None and moe.has_experts(model):
+            log(
+                f"note: mlx-pref does not know where {getattr(model, 'model_type', 'this model')}"
+                " routes its tokens: training without the router's load-balancing loss "
+                f"(architectures with one: {', '.join(moe.SPARSE_BLOCKS)})"
+            )
+    return obj
 
 
 @dataclass
@@ -119,9 +145,11 @@ def forward(obj: Objective, batch: Batch, ctx: BatchContext, *, train: bool):
     """Loss and per-batch metrics for one batch under the current policy."""
     cfg = obj.config
     with_p2 = "policy_weights" in obj.inputs
-    seq = sequence_logps(
-        obj.model, batch, with_p2=with_p2, share_prompt=cfg.share_prompt, recompute=obj.recompute
-    )
+    with moe.recording() as router_logits:  # the policy's routers only: no reference, no KL rows
+        seq = sequence_logps(
+            obj.model, batch, with_p2=with_p2, share_prompt=cfg.share_prompt,
+            recompute=obj.recompute,
+        )  # fmt: skip
     logps = row_logps(seq, batch, cfg.ld_alpha)
     chosen_idx = mx.array(np.flatnonzero(batch.labels))
     rejected_idx = mx.array(np.flatnonzero(~batch.labels))
@@ -144,7 +172,12 @@ def forward(obj: Objective, batch: Batch, ctx: BatchContext, *, train: bool):
         out.chosen_rewards, out.rejected_rewards, chosen, rejected, batch.paired
     )
     metrics.update(out.metrics)
-    return out.loss, metrics
+    loss = out.loss
+    if obj.router is not None:  # TRL adds it in training and evaluation alike
+        aux = obj.router.loss(router_logits, seq.routed)
+        loss = loss + cfg.router_aux_loss_coef * aux
+        metrics["aux_loss"] = aux
+    return loss, metrics
 
 
 def loss_and_grad(obj: Objective) -> Callable:
