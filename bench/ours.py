@@ -40,7 +40,8 @@ import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mlx_pref.config import load_config  # noqa: E402
-from mlx_pref.data import Dataset, PairExample, collate  # noqa: E402
+from mlx_pref.data import BatchPlan, Dataset, PairExample, collate  # noqa: E402
+from mlx_pref.memory import apply_plan, epoch_steps, plan_run  # noqa: E402
 from mlx_pref.models import load_model  # noqa: E402
 from mlx_pref.train import Trainer  # noqa: E402
 from mlx_pref.train.step import StepResult, batch_context, train_step  # noqa: E402
@@ -89,6 +90,7 @@ def build(spec: dict, workdir: Path) -> tuple[Trainer, Dataset, dict]:
     ]
     dataset = Dataset(examples, "bench")
     trainer.reference.attach({"train": dataset})
+    mx.reset_peak_memory()
     t0 = time.perf_counter()
     trainer.reference.prepare({"train": dataset})
     prepare_s = time.perf_counter() - t0
@@ -96,8 +98,10 @@ def build(spec: dict, workdir: Path) -> tuple[Trainer, Dataset, dict]:
         "model_load_s": load_s,
         "trainer_init_s": init_s,
         "reference_prepare_s": prepare_s,
+        "reference_prepare_peak_gb": mx.get_peak_memory() / 1e9,
         "reference": trainer.reference.name,
     }
+    mx.clear_cache()
     return trainer, dataset, one_off
 
 
@@ -118,14 +122,34 @@ def one_train_step(trainer: Trainer, batch, dataset: Dataset) -> StepResult:
     return train_step(trainer.objective, trainer.optimizer, [batch], dataset, trainer.grad_fn)
 
 
+def planned_batches(trainer: Trainer, dataset: Dataset) -> list:
+    """The bench's pairs as one optimizer step, under the memory plan a run on exactly
+    these pairs would choose (sub-batches, recomputation, checkpointed blocks)."""
+    cfg = trainer.config
+    plan = BatchPlan(dataset.examples, len(dataset), 1, cfg.seed, cfg.share_prompt, 1, 0)
+    trainer.memory = plan_run(
+        trainer.model, cfg, epoch_steps(plan), trainer.objective.loss.decomposable
+    )
+    apply_plan(trainer.memory, trainer.model, plan)
+    trainer.objective.recompute = trainer.memory.settings.recompute
+    return plan.step(0)
+
+
 def run_train(spec: dict, trainer: Trainer, dataset: Dataset) -> dict:
-    batch = collate(dataset.examples, np.arange(len(dataset)))
+    batches = planned_batches(trainer, dataset)
+    padded = collate(dataset.examples, np.arange(len(dataset)))
 
     def step() -> tuple[float, float]:
-        result = one_train_step(trainer, batch, dataset)
+        result = train_step(trainer.objective, trainer.optimizer, batches, dataset, trainer.grad_fn)
         return result.loss, result.metrics["peak_memory_gb"]
 
-    return {**_timed_steps(spec, step), "padding_fraction": batch.padding_fraction}
+    return {
+        **_timed_steps(spec, step),
+        "padding_fraction": padded.padding_fraction,
+        "memory_plan": trainer.memory.line(),
+        "estimate_gb": {k: v / 1e9 for k, v in vars(trainer.memory.estimate).items()},
+        "allocator_cache_gb": mx.get_cache_memory() / 1e9,
+    }
 
 
 def naive_loss_fn(model: nn.Module, batch, ref: mx.array, head: str):
