@@ -205,7 +205,8 @@ def attention_kernel(backend: str, dtype: str, head_dim: int) -> str:
 
 
 def device_info() -> dict:
-    """``mx.device_info()`` where the backend offers it (its keys differ per backend)."""
+    """``mx.device_info()`` for the default device (its keys differ per backend; the call
+    exists from MLX 0.30.4, the minimum mlx-pref requires, and is guarded for older ones)."""
     import mlx.core as mx
 
     fn = getattr(mx, "device_info", None)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import platform
-import sys
 from pathlib import Path
 
 import click
@@ -99,33 +97,16 @@ def plot(run_dir: str, output: str | None, force: bool) -> None:
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def doctor(as_json: bool) -> None:
-    """Report the platform, MLX backend, BLAS (with a measured matmul rate), memory, versions."""
+    """Report the platform, MLX backend, the GPU (name, memory, measured bf16/fp32 matmul
+    rates) or on the CPU the BLAS and its measured rate, memory, versions."""
+    from mlx_pref.doctor import doctor_lines, doctor_report
+
     problem = backend.check_mlx_backend()
     if problem:
         raise MlxPrefError(problem)
-    blas = backend.blas_info()
-    total = backend.total_memory()
-    report = {
-        "platform": f"{platform.system()} {platform.machine()} ({platform.platform()})",
-        "python": sys.version.split()[0],
-        "backend": backend.backend_name(),
-        "device": backend.device_info(),
-        "blas": blas.name,
-        "blas_path": blas.path,
-        "blas_fast": blas.fast,
-        "blas_note": blas.note,
-        "matmul_gflops": round(backend.matmul_gflops(), 1),
-        "memory_total_gb": round(total / 1e9, 1) if total else None,
-        "peak_rss_gb": round(backend.peak_rss() / 1e9, 2),
-        "versions": backend.package_versions(),
-    }
+    report = doctor_report()
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    width = max(len(k) for k in report)
-    for key, value in report.items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
-        click.echo(f"{key:<{width}}  {value}")
-    if not blas.fast:
-        click.echo(f"hint: matmuls use a slow BLAS ({blas.note}).")
+    for line in doctor_lines(report):
+        click.echo(line)
