@@ -15,6 +15,7 @@ the token ids of the step's pairs, config overrides and a mode:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 import time
@@ -41,14 +42,21 @@ import numpy as np  # noqa: E402
 
 from mlx_pref.config import load_config  # noqa: E402
 from mlx_pref.data import BatchPlan, Dataset, PairExample, collate  # noqa: E402
-from mlx_pref.memory import apply_plan, epoch_steps, plan_run  # noqa: E402
+from mlx_pref.memory import MemoryPlan, apply_plan, epoch_steps, plan_run  # noqa: E402
 from mlx_pref.models import load_model  # noqa: E402
 from mlx_pref.train import Trainer  # noqa: E402
-from mlx_pref.train.step import StepResult, batch_context, train_step  # noqa: E402
+from mlx_pref.train.step import (  # noqa: E402
+    Objective,
+    StepResult,
+    batch_context,
+    loss_and_grad,
+    train_step,
+)
 
 
 def build(spec: dict, workdir: Path) -> tuple[Trainer, Dataset, dict]:
     """A Trainer for the spec's config, trained on exactly the spec's token ids."""
+    pairs = common.pairs_from_spec(spec)
     overrides = {
         "model": spec["model"],
         "data": spec["data_file"],
@@ -62,7 +70,7 @@ def build(spec: dict, workdir: Path) -> tuple[Trainer, Dataset, dict]:
             "dropout": common.LORA["dropout"],
             "target_modules": common.LORA["targets"],
         },
-        "max_length": 4096,
+        "max_length": max(len(p.prompt) + max(len(p.chosen), len(p.rejected)) for p in pairs),
         "ref_cache_dir": str(workdir / "ref-cache"),
         "eval_every": 10**6,
         "save_every": 10**6,
@@ -84,10 +92,7 @@ def build(spec: dict, workdir: Path) -> tuple[Trainer, Dataset, dict]:
     t0 = time.perf_counter()
     trainer = Trainer(cfg, loaded=loaded, verbose=False)
     init_s = time.perf_counter() - t0
-    examples = [
-        PairExample(tuple(p.prompt), tuple(p.chosen), tuple(p.rejected))
-        for p in common.pairs_from_spec(spec)
-    ]
+    examples = [PairExample(tuple(p.prompt), tuple(p.chosen), tuple(p.rejected)) for p in pairs]
     dataset = Dataset(examples, "bench")
     trainer.reference.attach({"train": dataset})
     mx.reset_peak_memory()
@@ -122,32 +127,32 @@ def one_train_step(trainer: Trainer, batch, dataset: Dataset) -> StepResult:
     return train_step(trainer.objective, trainer.optimizer, [batch], dataset, trainer.grad_fn)
 
 
-def planned_batches(trainer: Trainer, dataset: Dataset) -> list:
+def planned_step(trainer: Trainer, dataset: Dataset) -> tuple[Objective, list, MemoryPlan]:
     """The bench's pairs as one optimizer step, under the memory plan a run on exactly
-    these pairs would choose (sub-batches, recomputation, checkpointed blocks)."""
+    these pairs would choose (sub-batches, recomputation, checkpointed blocks): the
+    objective to step with, the micro-batches, and the plan."""
     cfg = trainer.config
     plan = BatchPlan(dataset.examples, len(dataset), 1, cfg.seed, cfg.share_prompt, 1, 0)
-    trainer.memory = plan_run(
-        trainer.model, cfg, epoch_steps(plan), trainer.objective.loss.decomposable
-    )
-    apply_plan(trainer.memory, trainer.model, plan)
-    trainer.objective.recompute = trainer.memory.settings.recompute
-    return plan.step(0)
+    memory = plan_run(trainer.model, cfg, epoch_steps(plan), trainer.objective.loss.decomposable)
+    apply_plan(memory, trainer.model, plan)
+    objective = dataclasses.replace(trainer.objective, recompute=memory.settings.recompute)
+    return objective, plan.step(0), memory
 
 
 def run_train(spec: dict, trainer: Trainer, dataset: Dataset) -> dict:
-    batches = planned_batches(trainer, dataset)
+    objective, batches, memory = planned_step(trainer, dataset)
+    grad_fn = loss_and_grad(objective)
     padded = collate(dataset.examples, np.arange(len(dataset)))
 
     def step() -> tuple[float, float]:
-        result = train_step(trainer.objective, trainer.optimizer, batches, dataset, trainer.grad_fn)
+        result = train_step(objective, trainer.optimizer, batches, dataset, grad_fn)
         return result.loss, result.metrics["peak_memory_gb"]
 
     return {
         **_timed_steps(spec, step),
         "padding_fraction": padded.padding_fraction,
-        "memory_plan": trainer.memory.line(),
-        "estimate_gb": {k: v / 1e9 for k, v in vars(trainer.memory.estimate).items()},
+        "memory_plan": memory.line(),
+        "estimate_gb": {k: v / 1e9 for k, v in vars(memory.estimate).items()},
         "allocator_cache_gb": mx.get_cache_memory() / 1e9,
     }
 

@@ -97,7 +97,7 @@ def measure(model: Path, length: int, pairs: int, settings: str, steps: int, wor
         "pairs": random_pairs(
             pairs, length, json.loads((model / "config.json").read_text())["vocab_size"]
         ),
-        "config": {"batch_size": pairs, "max_length": length + 8, **SETTINGS[settings]},
+        "config": {"batch_size": pairs, **SETTINGS[settings]},
         "warmup": 2,
         "steps": steps,
     }
