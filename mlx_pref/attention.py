@@ -18,7 +18,8 @@ attention layer's RoPE module also accepts per-token positions, and the attentio
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -76,6 +77,22 @@ class Segments:
         return int(firsts.min())
 
 
+_WHOLE_BLOCK = [False]
+"""True while a checkpointed transformer block runs: it is recomputed whole in the
+backward pass, so recomputing its attention again inside would only add a third pass."""
+
+
+@contextmanager
+def block_recomputed() -> Iterator[None]:
+    """Attention inside this context keeps its probabilities: the block around it is
+    checkpointed, so they live only while that one block's backward runs."""
+    before, _WHOLE_BLOCK[0] = _WHOLE_BLOCK[0], True
+    try:
+        yield
+    finally:
+        _WHOLE_BLOCK[0] = before
+
+
 class PackedAttention:
     """The mask a packed forward hands every attention layer: it carries the segments and
     computes the attention itself, block by block. Without ``recompute`` the blocks' masks
@@ -121,7 +138,7 @@ class PackedAttention:
             return mx.fast.scaled_dot_product_attention(
                 queries, keys, values, scale=scale, mask=self.dense_mask()
             )
-        if self.recompute:
+        if self.recompute and not _WHOLE_BLOCK[0]:
             outs = [
                 mx.checkpoint(
                     lambda q, k, v, lo=lo, hi=hi, first=first: _block(
@@ -131,11 +148,15 @@ class PackedAttention:
                 for lo, hi, first in self.ranges
             ]
             return mx.concatenate(outs, axis=2)
-        if self._masks is None:
-            self._masks = [self.mask(*r) for r in self.ranges]
+        if self.recompute:  # a recomputed block: its masks are built again, not kept
+            masks = [self.mask(*r) for r in self.ranges]
+        else:
+            if self._masks is None:
+                self._masks = [self.mask(*r) for r in self.ranges]
+            masks = self._masks
         outs = [
             _block(queries[:, :, lo:hi], keys[:, :, first:hi], values[:, :, first:hi], m, scale)
-            for (lo, hi, first), m in zip(self.ranges, self._masks)
+            for (lo, hi, first), m in zip(self.ranges, masks)
         ]
         return mx.concatenate(outs, axis=2)
 
