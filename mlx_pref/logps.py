@@ -22,7 +22,12 @@ import numpy as np
 from mlx_pref import attention
 from mlx_pref.backend import sequence_multiple
 from mlx_pref.data.batching import Batch
-from mlx_pref.losses import ld_sequence_logps, log_sum_squared_probs, wpo_pair_weights
+from mlx_pref.losses import (
+    empty_rows,
+    ld_sequence_logps,
+    log_sum_squared_probs,
+    wpo_pair_weights,
+)
 
 # Architectures whose forward is exactly ``head(model.model(tokens))``: for these the
 # head can be applied to gathered positions only. Others fall back to full logits.
@@ -147,7 +152,7 @@ def score_hidden(
     (the head in row chunks; with ``recompute``, each chunk's logits are computed again
     in the backward pass instead of being kept: the head must then be frozen)."""
     if len(index) == 0:
-        empty = mx.zeros((0,), dtype=mx.float32)
+        empty = empty_rows()  # no op on a zero-size array (see ``losses.empty_rows``)
         return empty, (empty if with_p2 else None)
     hidden = hidden.reshape(-1, hidden.shape[-1])[mx.array(index.astype(np.int32))]
     targets = mx.array(targets)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
+
+# Full float32 matmuls on every backend, for this process and the runs it starts. MLX
+# reads MLX_ENABLE_TF32 once (default 1); when on, cuBLAS computes float32 GEMMs in TF32
+# on CUDA, as do the neural accelerators of recent Apple GPUs, and log-probs drift by
+# ~1e-4 relative, beyond what the parity tests allow. tests/_numerics.py states what
+# each backend is then held to.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
 # isort: off
 import mlx_pref  # noqa: F401  (loads the fast BLAS before anything imports mlx.core)
 
 # isort: on
+import ctypes
 import json
 import shutil
 from pathlib import Path
@@ -15,9 +25,24 @@ import pytest
 from mlx.utils import tree_flatten
 from mlx_lm.models.llama import Model, ModelArgs
 
+from mlx_pref import backend
 from mlx_pref.config import Config, config_from_dict
 from mlx_pref.data import embedded_data
 from mlx_pref.models import embedded_root
+
+
+def share_blas_threads() -> None:
+    """Start child processes (the SIGKILL and CLI resume tests) with this process's
+    OpenBLAS thread count. OpenBLAS splits long inner products across its threads, so a
+    matmul's last bits depend on the count, and mlx-pref picks the count from the load at
+    start: a run resumed in another process is bit-exact only with the same count."""
+    info = backend.blas_info()
+    if info.name == "OpenBLAS" and info.path and "OPENBLAS_NUM_THREADS" not in os.environ:
+        threads = ctypes.CDLL(info.path).openblas_get_num_threads()
+        os.environ["OPENBLAS_NUM_THREADS"] = str(threads)
+
+
+share_blas_threads()
 
 REPO = Path(__file__).resolve().parent.parent
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -12,6 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from _numerics import NUMERICS
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, load
 
@@ -238,11 +239,12 @@ def test_zero_coefficient_gives_the_plain_preference_gradients(moe_run):
 
     cfg_beta = obj.beta
     plain_loss, plain = nn.value_and_grad(trainer.model, dpo)(None)
-    assert float(off_loss) == pytest.approx(float(plain_loss), abs=1e-6)
+    tol = NUMERICS.tolerance(1e-6)  # the step against the loss written out: same math
+    assert float(off_loss) == pytest.approx(float(plain_loss), abs=tol)
     off, plain = dict(tree_flatten(off)), dict(tree_flatten(plain))
     assert off.keys() == plain.keys()
     for key in off:
-        np.testing.assert_allclose(np.asarray(off[key]), np.asarray(plain[key]), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(off[key]), np.asarray(plain[key]), atol=tol)
 
     coef = 0.5
     obj.config = config_from_dict({**obj.config.to_dict(), "router_aux_loss_coef": coef})
@@ -259,7 +261,7 @@ def test_zero_coefficient_gives_the_plain_preference_gradients(moe_run):
     assert router_keys and all(float(mx.abs(aux[k]).max()) > 0 for k in router_keys)
     for key in on:
         np.testing.assert_allclose(
-            np.asarray(on[key]), np.asarray(off[key] + coef * aux[key]), atol=1e-6, err_msg=key
+            np.asarray(on[key]), np.asarray(off[key] + coef * aux[key]), atol=tol, err_msg=key
         )
 
 
@@ -277,10 +279,11 @@ def test_grad_checkpoint_keeps_the_router_gradients(moe_run):
         (_, metrics), g = loss_and_grad(trainer.objective)(batch, ctx)
         grads.append((float(metrics["aux_loss"]), dict(tree_flatten(g))))
     (aux, plain), (aux_ckpt, checkpointed) = grads
-    assert aux == pytest.approx(aux_ckpt, abs=1e-6)
+    tol = NUMERICS.tolerance(1e-6)  # recomputed blocks: the same math, other kernels
+    assert aux == pytest.approx(aux_ckpt, abs=tol)
     for key in plain:
         np.testing.assert_allclose(
-            np.asarray(plain[key]), np.asarray(checkpointed[key]), atol=1e-6, err_msg=key
+            np.asarray(plain[key]), np.asarray(checkpointed[key]), atol=tol, err_msg=key
         )
 
 

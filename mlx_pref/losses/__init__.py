@@ -11,7 +11,15 @@ its UDM density-ratio classifier live alongside.
 Which TRL release each loss follows is recorded in ``get_loss(name).trl``.
 """
 
-from mlx_pref.losses.base import LossInputs, LossOutput, LossSpec, UnknownLossError
+from mlx_pref.losses.base import (
+    LossInputs,
+    LossOutput,
+    LossSpec,
+    UnknownLossError,
+    concat_rows,
+    empty_rows,
+    on_rows,
+)
 from mlx_pref.losses.dpo import F_DIVERGENCES, f_divergence_scores
 from mlx_pref.losses.registry import (
     PreparedLoss,
@@ -59,8 +67,10 @@ __all__ = [
     "RunningMoments",
     "UnknownLossError",
     "beta_at",
+    "concat_rows",
     "density_ratio_weights",
     "describe_losses",
+    "empty_rows",
     "f_divergence_scores",
     "fit_density_ratio_classifier",
     "get_loss",
@@ -69,6 +79,7 @@ __all__ = [
     "log_sum_squared_probs",
     "loss_names",
     "mean_pool",
+    "on_rows",
     "parse_loss",
     "preference_loss",
     "prepare_loss",

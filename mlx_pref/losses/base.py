@@ -142,9 +142,37 @@ def as_float_array(value: ArrayLike, name: str) -> mx.array:
         arr = arr.reshape(1)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D (one value per row), got shape {tuple(arr.shape)}")
+    if arr.size == 0:
+        return empty_rows()  # also cuts off the op that made it: it is never evaluated
     if arr.dtype != mx.float32:
         arr = arr.astype(mx.float32)
     return arr
+
+
+def empty_rows() -> mx.array:
+    """A ``(0,)`` float32 array that no MLX op computes (it is built from host memory).
+
+    An unpaired batch may have no desirable or no undesirable rows. MLX's CUDA backend
+    kills the process (SIGFPE, an integer division by zero in its kernel launch setup)
+    when a fused elementwise kernel runs on a zero-size array; ``nn.log_sigmoid`` is one,
+    as is anything ``mx.compile`` fuses. So an empty side is this constant, and no op is
+    ever issued on it (:func:`on_rows`, :func:`concat_rows`).
+    """
+    return mx.array(np.zeros((0,), dtype=np.float32))
+
+
+def on_rows(fn: Callable[..., mx.array], *rows: mx.array) -> mx.array:
+    """``fn(*rows)`` for a side that has rows; :func:`empty_rows` for an empty one, without
+    calling ``fn`` (the shape decides in Python, so no op sees a zero-size array)."""
+    return fn(*rows) if rows[0].size else empty_rows()
+
+
+def concat_rows(parts: list[mx.array]) -> mx.array:
+    """The non-empty ``parts`` concatenated; a single one is returned as it is."""
+    kept = [p for p in parts if p.size]
+    if not kept:
+        return empty_rows()
+    return kept[0] if len(kept) == 1 else mx.concatenate(kept)
 
 
 def log_sigmoid(x: mx.array) -> mx.array:

@@ -54,7 +54,11 @@ class RunningMoments:
         An empty batch (on every rank) leaves the statistics unchanged; TRL would turn them
         into NaN there.
         """
-        local = np.asarray(mx.stop_gradient(values).astype(mx.float32), dtype=np.float64).ravel()
+        local = (
+            np.asarray(mx.stop_gradient(values).astype(mx.float32), dtype=np.float64).ravel()
+            if values.size
+            else np.zeros(0)  # no MLX op on a zero-size array (see ``base.empty_rows``)
+        )
         group = reduction_group(group)
         if group is None:
             count = local.size

@@ -2,7 +2,9 @@
 
 Chosen rows are the desirable completions and rejected rows the undesirable ones; the two
 sides may differ in size and either may be empty. A paired batch is used as is (chosen →
-desirable, rejected → undesirable), which is how paired data feeds these losses.
+desirable, rejected → undesirable), which is how paired data feeds these losses. An empty
+side issues no MLX op at all (``base.on_rows``): MLX's CUDA backend crashes on fused
+kernels over zero-size arrays.
 
 * ``bco`` follows TRL 1.13 ``trl/experimental/bco/bco_trainer.py`` (``BCOTrainer.bco_loss``,
   ``RunningMoments``, ``_get_udm_weight``; defaults from ``bco_config.py``). TRL 1.13 is the
@@ -19,7 +21,9 @@ from mlx_pref.backend import all_sum
 from mlx_pref.losses.base import (
     LossInputs,
     LossOutput,
+    concat_rows,
     log_sigmoid,
+    on_rows,
     reduction_group,
 )
 from mlx_pref.losses.state import LossState
@@ -39,9 +43,13 @@ def _logratios(inputs: LossInputs, name: str) -> tuple[mx.array, mx.array]:
     if inputs.chosen_logps.shape[0] + inputs.rejected_logps.shape[0] == 0:
         raise ValueError(f"loss '{name}' got an empty batch")
     return (
-        inputs.chosen_logps - inputs.ref_chosen_logps,
-        inputs.rejected_logps - inputs.ref_rejected_logps,
+        on_rows(mx.subtract, inputs.chosen_logps, inputs.ref_chosen_logps),
+        on_rows(mx.subtract, inputs.rejected_logps, inputs.ref_rejected_logps),
     )
+
+
+def _rewards(logratios: mx.array, beta: float) -> mx.array:
+    return on_rows(lambda x: beta * x, logratios)
 
 
 def bco(
@@ -65,29 +73,30 @@ def bco(
         raise ValueError(
             "loss 'bco' keeps a running reward mean: pass state=LossState() and reuse it across steps"
         )
-    rc, rr = beta * lc, beta * lr
+    rc, rr = _rewards(lc, beta), _rewards(lr, beta)
     if inputs.train:
-        state.moments("bco").update(mx.concatenate([rc, rr]), group=inputs.group)
+        state.moments("bco").update(concat_rows([rc, rr]), group=inputs.group)
     delta = state.delta("bco")
-    chosen_losses = -log_sigmoid(rc - delta)
-    rejected_losses = -log_sigmoid(-(rr - delta))
+    chosen_losses = on_rows(lambda r: -log_sigmoid(r - delta), rc)
+    rejected_losses = on_rows(lambda r: -log_sigmoid(-(r - delta)), rr)
     metrics = {"delta": mx.array(delta, dtype=mx.float32)}
     if inputs.extra("udm_weights") is not None:
-        weights = mx.stop_gradient(inputs.extra("udm_weights"))
+        weights = inputs.extra("udm_weights")
         if weights.shape != rejected_losses.shape:
             raise ValueError(
                 f"udm_weights must have one weight per undesirable row ({rr.shape[0]}), "
                 f"got shape {tuple(weights.shape)}"
             )
-        rejected_losses = rejected_losses * weights
         if weights.size:
+            weights = mx.stop_gradient(weights)
+            rejected_losses = rejected_losses * weights
             metrics["bco/udm_weight_mean"] = weights.mean()
-    losses = mx.concatenate([chosen_losses, rejected_losses])
+    losses = concat_rows([chosen_losses, rejected_losses])
     return LossOutput(
         loss=losses.mean(),
         losses=losses,
-        chosen_rewards=mx.stop_gradient(rc),
-        rejected_rewards=mx.stop_gradient(rr),
+        chosen_rewards=on_rows(mx.stop_gradient, rc),
+        rejected_rewards=on_rows(mx.stop_gradient, rr),
         metrics=metrics,
     )
 
@@ -128,14 +137,17 @@ def _weighted(
     undesirable_weight: float,
     metrics: dict[str, mx.array],
 ) -> LossOutput:
-    losses = mx.concatenate(
-        [desirable_weight * chosen_losses, undesirable_weight * rejected_losses]
+    losses = concat_rows(
+        [
+            on_rows(lambda x: desirable_weight * x, chosen_losses),
+            on_rows(lambda x: undesirable_weight * x, rejected_losses),
+        ]
     )
     return LossOutput(
         loss=losses.mean(),
         losses=losses,
-        chosen_rewards=mx.stop_gradient(rc),
-        rejected_rewards=mx.stop_gradient(rr),
+        chosen_rewards=on_rows(mx.stop_gradient, rc),
+        rejected_rewards=on_rows(mx.stop_gradient, rr),
         metrics=metrics,
     )
 
@@ -157,14 +169,14 @@ def kto(
     """
     lc, lr = _logratios(inputs, "kto")
     kl = kto_kl(inputs)
-    chosen_losses = 1.0 - mx.sigmoid(beta * (lc - kl))
-    rejected_losses = 1.0 - mx.sigmoid(beta * (kl - lr))
+    chosen_losses = on_rows(lambda x: 1.0 - mx.sigmoid(beta * (x - kl)), lc)
+    rejected_losses = on_rows(lambda x: 1.0 - mx.sigmoid(beta * (kl - x)), lr)
     return _weighted(
         inputs,
         chosen_losses,
         rejected_losses,
-        beta * lc,
-        beta * lr,
+        _rewards(lc, beta),
+        _rewards(lr, beta),
         desirable_weight,
         undesirable_weight,
         {"kl": kl},
@@ -184,14 +196,14 @@ def apo_zero_unpaired(
 
     TRL 1.16 computes no KL estimate for this loss and logs ``kl = 0``; so does this."""
     lc, lr = _logratios(inputs, "apo_zero_unpaired")
-    chosen_losses = 1.0 - mx.sigmoid(beta * lc)
-    rejected_losses = mx.sigmoid(beta * lr)
+    chosen_losses = on_rows(lambda x: 1.0 - mx.sigmoid(beta * x), lc)
+    rejected_losses = on_rows(lambda x: mx.sigmoid(beta * x), lr)
     return _weighted(
         inputs,
         chosen_losses,
         rejected_losses,
-        beta * lc,
-        beta * lr,
+        _rewards(lc, beta),
+        _rewards(lr, beta),
         desirable_weight,
         undesirable_weight,
         {"kl": mx.array(0.0)},

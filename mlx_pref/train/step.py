@@ -22,7 +22,7 @@ from mlx.utils import tree_map
 from mlx_pref import backend, moe
 from mlx_pref.data import Batch, Dataset
 from mlx_pref.logps import Recompute, row_logps, sequence_logps
-from mlx_pref.losses import LossState, PreparedLoss, supplied_inputs
+from mlx_pref.losses import LossState, PreparedLoss, empty_rows, supplied_inputs
 from mlx_pref.reference import Reference
 from mlx_pref.train.inputs import UDM, provide
 
@@ -109,8 +109,15 @@ def lr_schedule(cfg, total_steps: int) -> Callable[[mx.array], mx.array]:
 
 
 def _mean(x: mx.array) -> mx.array:
-    """Mean that is 0, not NaN, for an empty side (an unpaired batch with one label only)."""
-    return x.sum() / max(x.size, 1)
+    """Mean that is 0, not NaN, for an empty side (an unpaired batch with one label only),
+    decided in Python so that no reduction runs on a zero-size array."""
+    return x.sum() / x.size if x.size else mx.array(0.0, dtype=mx.float32)
+
+
+def take_rows(x: mx.array, rows: np.ndarray) -> mx.array:
+    """``x[rows]``; for no rows the host-made empty array, so no gather runs on an empty
+    index (MLX's CUDA backend crashes on some kernels over zero-size arrays)."""
+    return x[mx.array(rows)] if len(rows) else empty_rows()
 
 
 def batch_metrics(
@@ -151,18 +158,17 @@ def forward(obj: Objective, batch: Batch, ctx: BatchContext, *, train: bool):
             recompute=obj.recompute,
         )  # fmt: skip
     logps = row_logps(seq, batch, cfg.ld_alpha)
-    chosen_idx = mx.array(np.flatnonzero(batch.labels))
-    rejected_idx = mx.array(np.flatnonzero(~batch.labels))
+    chosen_idx, rejected_idx = np.flatnonzero(batch.labels), np.flatnonzero(~batch.labels)
     lengths = mx.array(batch.completion_lengths)
-    chosen, rejected = logps[chosen_idx], logps[rejected_idx]
+    chosen, rejected = take_rows(logps, chosen_idx), take_rows(logps, rejected_idx)
     extras = {**ctx.inputs, **provide(obj, "forward", batch, "", None, seq)}
     out = obj.loss(
         chosen,
         rejected,
-        None if ctx.ref is None else ctx.ref[chosen_idx],
-        None if ctx.ref is None else ctx.ref[rejected_idx],
-        lengths[chosen_idx],
-        lengths[rejected_idx],
+        None if ctx.ref is None else take_rows(ctx.ref, chosen_idx),
+        None if ctx.ref is None else take_rows(ctx.ref, rejected_idx),
+        take_rows(lengths, chosen_idx),
+        take_rows(lengths, rejected_idx),
         beta=obj.beta,
         state=obj.loss_state,
         train=train,
