@@ -95,13 +95,18 @@ def block_recomputed() -> Iterator[None]:
 
 class PackedAttention:
     """The mask a packed forward hands every attention layer: it carries the segments and
-    computes the attention itself, block by block. Without ``recompute`` the blocks' masks
-    are built once and shared by every layer; with it, each block builds its mask again
-    inside its checkpoint, so nothing of size queries x keys outlives a block."""
+    computes the attention itself, block by block. The blocks' boolean masks (a byte per
+    query-key pair) are built once and shared by every layer; with ``recompute`` each block
+    runs under a checkpoint, so no float of size queries x keys outlives a block."""
 
-    def __init__(self, segments: Segments, recompute: bool = False, block: int = QUERY_BLOCK):
+    def __init__(
+        self, segments: Segments, recompute: bool = False, block: int = QUERY_BLOCK,
+        within_blocks: bool = False,
+    ) -> None:  # fmt: skip
         self.segments = segments
         self.recompute = recompute
+        self.within_blocks = within_blocks
+        """Recompute inside checkpointed transformer blocks too (see ``block_recomputed``)."""
         self.block = block
         self.window: int | None = None
         self._vectors = [mx.array(a.astype(np.int32)) for a in (
@@ -138,26 +143,21 @@ class PackedAttention:
             return mx.fast.scaled_dot_product_attention(
                 queries, keys, values, scale=scale, mask=self.dense_mask()
             )
-        if self.recompute and not _WHOLE_BLOCK[0]:
+        if self._masks is None:  # one byte per query-key pair, shared by every layer
+            self._masks = [self.mask(*r) for r in self.ranges]
+        blocks = zip(self.ranges, self._masks)
+        if self.recompute and (self.within_blocks or not _WHOLE_BLOCK[0]):
             outs = [
-                mx.checkpoint(
-                    lambda q, k, v, lo=lo, hi=hi, first=first: _block(
-                        q, k, v, self.mask(lo, hi, first), scale
-                    )
-                )(queries[:, :, lo:hi], keys[:, :, first:hi], values[:, :, first:hi])
-                for lo, hi, first in self.ranges
+                mx.checkpoint(lambda q, k, v, m=m: _block(q, k, v, m, scale))(
+                    queries[:, :, lo:hi], keys[:, :, first:hi], values[:, :, first:hi]
+                )
+                for (lo, hi, first), m in blocks
             ]
-            return mx.concatenate(outs, axis=2)
-        if self.recompute:  # a recomputed block: its masks are built again, not kept
-            masks = [self.mask(*r) for r in self.ranges]
         else:
-            if self._masks is None:
-                self._masks = [self.mask(*r) for r in self.ranges]
-            masks = self._masks
-        outs = [
-            _block(queries[:, :, lo:hi], keys[:, :, first:hi], values[:, :, first:hi], m, scale)
-            for (lo, hi, first), m in zip(self.ranges, masks)
-        ]
+            outs = [
+                _block(queries[:, :, lo:hi], keys[:, :, first:hi], values[:, :, first:hi], m, scale)
+                for (lo, hi, first), m in blocks
+            ]
         return mx.concatenate(outs, axis=2)
 
 

@@ -48,6 +48,9 @@ class Recompute:
 
     attention: bool = False
     head: bool = False
+    within_blocks: bool = False
+    """Attention recomputed inside checkpointed blocks too (a third attention pass, but no
+    block's probabilities kept even while it is recomputed: for the longest rows)."""
 
 
 @dataclass
@@ -255,7 +258,9 @@ def packed_logps(
         return None
     body, head = split
     packed = pack(batch, share_prompt, sequence_multiple())
-    layout = attention.PackedAttention(packed.segments, recompute=recompute.attention)
+    layout = attention.PackedAttention(
+        packed.segments, recompute=recompute.attention, within_blocks=recompute.within_blocks
+    )
     positions = mx.array(packed.segments.position.astype(np.int32))
     caches = [attention.PackedContext(layout, positions) for _ in body.layers]
     hidden = body(mx.array(packed.tokens[None]), cache=caches)

@@ -43,7 +43,11 @@ HEAD_TRANSIENT = 2.0
 """The LM head's backward holds the softmax and the logits' gradient of one chunk."""
 DEFAULT_ACTIVATIONS = 2 << 30
 """Without ``memory_limit``: the weights and optimizer state plus 2 GiB for activations (the
-lean default TRL also takes, with gradient checkpointing on), at most 70% of the device."""
+lean default TRL also takes, with gradient checkpointing on), at most 70% of the device,
+where sub-batches alone get there (they cost no time)..."""
+RECOMPUTE_ACTIVATIONS = 3 << 30
+"""...and recomputation, which does cost time, only as much as keeps activations under
+3 GiB."""
 DEVICE_FRACTION = 0.7
 FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -109,6 +113,11 @@ class Settings:
     checkpoint_every: int = 0
     """Checkpoint every k-th block (0: none)."""
 
+    @property
+    def recomputes(self) -> bool:
+        """Whether the backward pass computes anything twice (sub-batches alone do not)."""
+        return bool(self.recompute.attention or self.recompute.head or self.checkpoint_every)
+
     def describe(self) -> str:
         parts = []
         if self.split > 1:
@@ -121,7 +130,8 @@ class Settings:
             )
             parts.append(f"checkpointing {every}")
         if self.recompute.attention:
-            parts.append("attention recomputed")
+            within = " (inside checkpointed blocks too)" if self.recompute.within_blocks else ""
+            parts.append(f"attention recomputed{within}")
         if self.recompute.head:
             parts.append("LM head recomputed")
         return ", ".join(parts) or "everything kept"
@@ -153,7 +163,9 @@ def estimate(shape: Shape, fixed: float, step: Step, settings: Settings) -> Esti
         activations += (BLOCK_TRANSIENT if not kept else BLOCK_TRANSIENT / 4) * block
     probs = shape.heads * scores * 4
     masks = scores  # one bool per visible key, built once and shared by every block
-    attention = 0.0 if settings.recompute.attention else (kept + (checkpointed > 0)) * probs + masks
+    # A recomputed block keeps its own probabilities while its backward runs.
+    attention = masks + (0 if settings.recompute.attention else kept * probs)
+    attention += probs if checkpointed and not settings.recompute.within_blocks else 0
     if shape.kernel == "fused":
         attention = tokens * tokens + shape.layers * shape.heads * tokens * 4  # mask, stats
     chunk = min(scored, HEAD_CHUNK_ROWS) * shape.vocab * 4
@@ -214,6 +226,7 @@ def candidates(decomposable: bool, examples: int, layers: int, checkpoint="auto"
     out = [Settings(), *[Settings(split=s) for s in splits]]
     out += [Settings(lean_split, att), Settings(lean_split, both)]
     out += [Settings(lean_split, both, every) for every in (4, 3, 2, 1) if every <= layers]
+    out.append(Settings(lean_split, Recompute(True, True, within_blocks=True), 1))
     if checkpoint is True:
         return [replace(s, checkpoint_every=1) for s in out if s.checkpoint_every in (0, 1)]
     if checkpoint is False:
@@ -250,14 +263,21 @@ def plan(
     decomposable: bool = False,
     checkpoint: bool | str = "auto",
 ) -> MemoryPlan:
-    """The cheapest settings whose estimate fits the preferred budget; else the leanest,
-    if it fits the most a step may use; else a one-line error saying what to change."""
+    """The cheapest settings whose estimate fits: without ``memory_limit``, sub-batches
+    alone within the lean budget, else the least recomputation within 3 GB of activations;
+    else the leanest, if it fits the most a step may use; else a one-line error saying
+    what to change."""
     preferred, hard, source = budgets(fixed, limit)
     options = candidates(decomposable, step.examples, shape.layers, checkpoint)
     guesses = [(s, estimate(shape, fixed, step, s)) for s in options]
-    for settings, guess in guesses:
-        if guess.total <= preferred:
-            return MemoryPlan(settings, guess, preferred, source)
+    tiers = [(preferred, source, source != "memory_limit")]
+    if source != "memory_limit":
+        more = min(fixed + RECOMPUTE_ACTIVATIONS, hard)
+        tiers.append((more, "weights + 3 GB of activations when recomputing", False))
+    for budget, where, free_only in tiers:
+        for settings, guess in guesses:
+            if guess.total <= budget and not (free_only and settings.recomputes):
+                return MemoryPlan(settings, guess, budget, where)
     leanest = guesses[-1][1]
     if leanest.total <= hard:  # over the preferred budget: as lean as allowed
         return MemoryPlan(guesses[-1][0], leanest, hard, "70% of the device")

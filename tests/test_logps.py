@@ -14,6 +14,7 @@ from mlx_pref.adapters import apply_lora
 from mlx_pref.config import LoraConfig
 from mlx_pref.data.batching import PairExample, UnpairedExample, collate
 from mlx_pref.logps import Recompute, pack, row_logps, sequence_logps
+from mlx_pref.models import enable_grad_checkpoint
 
 TOL = NUMERICS.tolerance(1e-5)
 """Lean paths against the full-logits reference: float32 rounding in another order."""
@@ -90,6 +91,38 @@ def test_packed_rows_give_the_padded_gradients(model):
         _, packed = nn.value_and_grad(model, objective(**options))()
         for (key, a), (_, b) in zip(tree_flatten(plain), tree_flatten(packed)):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=TOL, err_msg=key)
+
+
+@pytest.mark.parametrize("every, within", [(1, False), (2, False), (1, True)])
+def test_checkpointed_blocks_with_recomputed_attention_give_the_same_gradients(every, within):
+    """A checkpointed block runs its attention without a checkpoint of its own (the block
+    is recomputed whole) unless asked to; the other blocks keep theirs. Gradients equal
+    the plain ones either way."""
+    batch = collate(PAIRS)
+    weights = mx.arange(1, 7, dtype=mx.float32)
+    grads = {}
+    for name in ("plain", "checkpointed"):
+        mx.random.seed(0)
+        args = ModelArgs(
+            model_type="llama", hidden_size=32, num_hidden_layers=4, intermediate_size=64,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=50,
+        )  # fmt: skip
+        m = Model(args)
+        apply_lora(m, LoraConfig(r=4, alpha=8))
+        rng = np.random.default_rng(0)
+        m.update(tree_unflatten([
+            (k, mx.array(rng.normal(0, 0.1, v.shape).astype(np.float32)))
+            for k, v in tree_flatten(m.trainable_parameters())
+        ]))  # fmt: skip
+        recompute = Recompute()
+        if name == "checkpointed":
+            enable_grad_checkpoint(m, every)
+            recompute = Recompute(attention=True, head=True, within_blocks=within)
+        _, grads[name] = nn.value_and_grad(
+            m, lambda m=m, r=recompute: (sequence_logps(m, batch, recompute=r).sums * weights).sum()
+        )()
+    for (key, a), (_, b) in zip(tree_flatten(grads["plain"]), tree_flatten(grads["checkpointed"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=TOL, err_msg=key)
 
 
 def test_wpo_log_sum_p2_and_ld_summaries_agree_across_layouts(model):
