@@ -20,11 +20,11 @@ TOL = NUMERICS.tolerance(1e-5)
 """Lean paths against the full-logits reference: float32 rounding in another order."""
 
 
-@pytest.fixture(scope="module")
-def model():
+def tiny_model(layers: int = 2) -> Model:
+    """A small random Llama with LoRA adapters whose weights are random too."""
     mx.random.seed(0)
     args = ModelArgs(
-        model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64,
+        model_type="llama", hidden_size=32, num_hidden_layers=layers, intermediate_size=64,
         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=50,
     )  # fmt: skip
     m = Model(args)
@@ -35,6 +35,11 @@ def model():
         for k, v in tree_flatten(m.trainable_parameters())
     ]))  # fmt: skip
     return m
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
 
 
 # Ragged prompts and completions, including one-token completions.
@@ -102,18 +107,7 @@ def test_checkpointed_blocks_with_recomputed_attention_give_the_same_gradients(e
     weights = mx.arange(1, 7, dtype=mx.float32)
     grads = {}
     for name in ("plain", "checkpointed"):
-        mx.random.seed(0)
-        args = ModelArgs(
-            model_type="llama", hidden_size=32, num_hidden_layers=4, intermediate_size=64,
-            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=50,
-        )  # fmt: skip
-        m = Model(args)
-        apply_lora(m, LoraConfig(r=4, alpha=8))
-        rng = np.random.default_rng(0)
-        m.update(tree_unflatten([
-            (k, mx.array(rng.normal(0, 0.1, v.shape).astype(np.float32)))
-            for k, v in tree_flatten(m.trainable_parameters())
-        ]))  # fmt: skip
+        m = tiny_model(layers=4)
         recompute = Recompute()
         if name == "checkpointed":
             enable_grad_checkpoint(m, every)
