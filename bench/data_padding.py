@@ -22,9 +22,21 @@ import numpy as np
 import mlx_pref  # noqa: F401  (platform setup before mlx)
 from mlx_pref.config import Config
 from mlx_pref.data import load_dataset, padding_fraction
+from mlx_pref.data.batching import iterate_batches
 from mlx_pref.data.check import load_tokenizer
+from mlx_pref.logps import pack
 
 BATCH_SIZES = (4, 8, 16)
+
+
+def packed_padding(examples, batch_size: int, multiple: int) -> float:
+    """Padding of packed rows (what training runs): none, except the end of each row
+    rounded up to ``multiple`` tokens (128 on CUDA, for its fused attention backward)."""
+    total = real = 0
+    for batch in iterate_batches(examples, batch_size, seed=0, epoch=0):
+        total += len(pack(batch, True, multiple).tokens)
+        real += len(pack(batch, True, 1).tokens)
+    return 1.0 - real / total
 
 
 def main() -> int:
@@ -48,14 +60,21 @@ def main() -> int:
         f"floor: {gap / (2 * lengths.sum()):.1%} (a pair's shorter completion pads to its "
         "longer one even in a batch of equal-length pairs)"
     )
-    print(f"{'batch':>5}  {'bucketed':>8}  {'shuffled':>8}  {'shuffled/bucketed':>17}")
+    print(
+        f"{'batch':>5}  {'bucketed':>8}  {'shuffled':>8}  {'shuffled/bucketed':>17}  "
+        f"{'packed':>6}  {'packed to 128 (CUDA)':>20}"
+    )
     for batch_size in BATCH_SIZES:
         seeds = range(args.seeds)
         bucketed = np.mean([padding_fraction(dataset.examples, batch_size, seed=s) for s in seeds])
         shuffled = np.mean(
             [padding_fraction(dataset.examples, batch_size, seed=s, bucket=False) for s in seeds]
         )
-        print(f"{batch_size:>5}  {bucketed:>8.1%}  {shuffled:>8.1%}  {shuffled / bucketed:>16.1f}x")
+        cuda = packed_padding(dataset.examples, batch_size, 128)
+        print(
+            f"{batch_size:>5}  {bucketed:>8.1%}  {shuffled:>8.1%}  {shuffled / bucketed:>16.1f}x  "
+            f"{0:>6.1%}  {cuda:>20.1%}"
+        )
     return 0
 
 
