@@ -214,12 +214,13 @@ def run_sections(runner: Runner, sections: list[str], args, data: dict) -> None:
             runner.run("ref-model", "ours.py", warmup=w, steps=s, config={"reference": "model"})
     if "memory" in sections:
         print("memory scaling (1 step each):")
-        for n in MEMORY_LENGTHS if not args.quick else MEMORY_LENGTHS[:2]:
+        lengths = args.lengths or (MEMORY_LENGTHS if not args.quick else MEMORY_LENGTHS[:2])
+        for n in lengths:
             pairs = [asdict(p) for p in data["memory_batches"][n]]
             runner.run(f"ours-len{n}", "ours.py", warmup=0, steps=1, pairs=pairs)
             if n <= TRL_MEMORY_MAX:
                 runner.run(f"trl-len{n}", "trl_peer.py", warmup=0, steps=1, pairs=pairs)
-        if not args.quick:
+        if not args.quick and not args.lengths:
             pair = [asdict(data["memory_batches"][LONG_PAIR][0])]
             runner.run(f"ours-1x{LONG_PAIR}", "ours.py", warmup=0, steps=1, pairs=pair)
     if "phases" in sections:
@@ -557,11 +558,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}"
     )
+    parser.add_argument(
+        "--lengths",
+        type=lambda text: [int(n) for n in text.split(",")],
+        help=f"memory section: these of {', '.join(map(str, MEMORY_LENGTHS))} only (no long pair)",
+    )
     parser.add_argument("--model", help="another model directory (HF layout, llama family)")
     parser.add_argument("--threads", type=int, help="pin BLAS/OpenMP/torch threads in every peer")
     args = parser.parse_args(argv)
     args.steps = args.steps or (2 if args.quick else 3)
     sections = [s.strip() for s in args.only.split(",") if s.strip()]
+    if args.lengths and set(args.lengths) - set(MEMORY_LENGTHS):
+        parser.error(f"--lengths: choose from {', '.join(map(str, MEMORY_LENGTHS))}")
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
