@@ -109,6 +109,9 @@ def write_verified_folder(
         what = "checkpoint" if step is not None else "folder"
         raise WriteError(f"cannot write {what} {final}: {detail}") from None
     if final.exists():
+        if not (final / MANIFEST).is_file():  # only a folder this function wrote is replaced
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise WriteError(f"cannot write {final}: it exists and mlx-pref did not write it")
         old = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.rename(final, old)
         os.rename(tmp, final)

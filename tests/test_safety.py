@@ -16,10 +16,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
+from mlx_pref.checkpoint import write_verified_folder
 from mlx_pref.cli import cli
+from mlx_pref.errors import WriteError
 from mlx_pref.rundir import MARKER, read_marker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,3 +205,19 @@ def test_every_user_error_is_one_line_with_exit_status_2(tmp_path, tiny_model, p
         assert cases[name][1] in lines[0], (name, lines[0])
     assert not list((disk_run / "checkpoints").glob(".tmp-*"))  # nothing half-written is left
     assert json.loads((run / MARKER).read_text())["kind"] == "run"
+
+
+def test_a_verified_folder_never_replaces_one_mlx_pref_did_not_write(tmp_path):
+    """``best/`` and checkpoints are replaced whole; a folder of that name without the
+    manifest mlx-pref writes last is the user's: refused, left byte-identical."""
+    mine = tmp_path / "best"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(WriteError, match="mlx-pref did not write it"):
+        write_verified_folder(mine, lambda d: (d / "a.txt").write_text("new"), replace=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+    assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
+    ours = tmp_path / "ours"
+    write_verified_folder(ours, lambda d: (d / "a.txt").write_text("one"))
+    write_verified_folder(ours, lambda d: (d / "a.txt").write_text("two"), replace=True)
+    assert (ours / "a.txt").read_text() == "two"
