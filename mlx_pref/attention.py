@@ -4,22 +4,22 @@ A packed batch is one row of segments (a prompt, then each completion that follo
 with per-token positions. Each token sees the earlier tokens of its own segment and,
 for a completion, its prompt: the attention mask is block-diagonal and causal. It is
 computed here query block by query block, each block against only the keys it can see,
-so no T x T score matrix is ever built and the masked-out blocks cost nothing. With
-``recompute`` the block's probabilities are not kept for the backward pass
-(``mx.checkpoint``): memory then grows with the length, not its square, which is what
-MLX's own attention does not offer where it has no fused backward (the CPU, and Metal in
-training: MLX falls back to composed attention there).
+so no T x T score matrix is ever built and the masked-out blocks cost nothing. Its backward
+pass recomputes one block's probabilities at a time (``flash_attention``): memory grows
+with the length, not its square, which MLX's own attention does not offer where it has
+no fused backward (the CPU, and Metal in training: MLX falls back to composed attention
+there).
 
 The model architectures stay mlx-lm's. Two hooks let them run packed rows: each
-attention layer's RoPE module also accepts per-token positions, and the attention function of the model's module dispatches a ``PackedAttention`` mask to
+attention layer's RoPE module also accepts per-token positions, and the attention
+function of the model's module dispatches a ``PackedAttention`` mask to
 ``PackedAttention.attend`` (every other mask goes to mlx-lm's own function unchanged).
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -77,36 +77,13 @@ class Segments:
         return int(firsts.min())
 
 
-_WHOLE_BLOCK = [False]
-"""True while a checkpointed transformer block runs: it is recomputed whole in the
-backward pass, so recomputing its attention again inside would only add a third pass."""
-
-
-@contextmanager
-def block_recomputed() -> Iterator[None]:
-    """Attention inside this context keeps its probabilities: the block around it is
-    checkpointed, so they live only while that one block's backward runs."""
-    before, _WHOLE_BLOCK[0] = _WHOLE_BLOCK[0], True
-    try:
-        yield
-    finally:
-        _WHOLE_BLOCK[0] = before
-
-
 class PackedAttention:
     """The mask a packed forward hands every attention layer: it carries the segments and
-    computes the attention itself, block by block. The blocks' boolean masks (a byte per
-    query-key pair) are built once and shared by every layer; with ``recompute`` each block
-    runs under a checkpoint, so no float of size queries x keys outlives a block."""
+    computes the attention itself, block by block (``flash_attention``). The blocks'
+    additive masks (a float per query-key pair) are built once and shared by every layer."""
 
-    def __init__(
-        self, segments: Segments, recompute: bool = False, block: int = QUERY_BLOCK,
-        within_blocks: bool = False,
-    ) -> None:  # fmt: skip
+    def __init__(self, segments: Segments, block: int = QUERY_BLOCK) -> None:
         self.segments = segments
-        self.recompute = recompute
-        self.within_blocks = within_blocks
-        """Recompute inside checkpointed transformer blocks too (see ``block_recomputed``)."""
         self.block = block
         self.window: int | None = None
         self._vectors = [mx.array(a.astype(np.int32)) for a in (
@@ -115,7 +92,8 @@ class PackedAttention:
         n = len(segments.segment)
         self.ranges = [(lo, min(lo + block, n)) for lo in range(0, n, block)]
         self.ranges = [(lo, hi, segments.first_key(lo, hi)) for lo, hi in self.ranges]
-        self._masks: list[mx.array] | None = None
+        self._biases: list[mx.array] | None = None
+        self._attend: dict[float, Callable] = {}
         self._dense: mx.array | None = None
 
     def mask(self, lo: int, hi: int, first: int) -> mx.array:
@@ -143,48 +121,83 @@ class PackedAttention:
             return mx.fast.scaled_dot_product_attention(
                 queries, keys, values, scale=scale, mask=self.dense_mask()
             )
-        if self._masks is None:  # one byte per query-key pair, shared by every layer
-            self._masks = [self.mask(*r) for r in self.ranges]
-        blocks = zip(self.ranges, self._masks)
-        if self.recompute and (self.within_blocks or not _WHOLE_BLOCK[0]):
-            outs = [
-                mx.checkpoint(lambda q, k, v, m=m: _block(q, k, v, m, scale))(
-                    queries[:, :, lo:hi], keys[:, :, first:hi], values[:, :, first:hi]
-                )
-                for (lo, hi, first), m in blocks
-            ]
-        else:
-            outs = [
-                _block(queries[:, :, lo:hi], keys[:, :, first:hi], values[:, :, first:hi], m, scale)
-                for (lo, hi, first), m in blocks
-            ]
-        return mx.concatenate(outs, axis=2)
+        if scale not in self._attend:  # one per scale; models use one for every layer
+            if self._biases is None:  # 0 where a query sees a key, else -inf (faster than a select)
+                self._biases = [mx.where(self.mask(*r), 0.0, -mx.inf) for r in self.ranges]
+            self._attend[scale] = flash_attention(self.ranges, self._biases, scale)
+        return self._attend[scale](queries, keys, values)[0]
 
 
-@mx.custom_function
-def softmax(x: mx.array) -> mx.array:
-    """Softmax over the last axis, exponentials as powers of two: MLX's CPU ``exp`` runs
-    at a third of the speed of ``power`` (measured; the results agree to float32
-    rounding). Masked entries are -inf; every row has one finite entry."""
-    shifted = (x - mx.stop_gradient(x.max(axis=-1, keepdims=True))) * LOG2E
-    e = mx.power(2.0, shifted)
-    return e / e.sum(axis=-1, keepdims=True)
+def flash_attention(ranges: list[tuple[int, int, int]], biases: list[mx.array], scale: float):
+    """Softmax attention over query blocks ``(lo, hi, first)`` (block ``lo:hi`` against keys
+    ``first:hi``, masked by the additive ``biases``), as a function ``(q, k, v) -> (out,
+    lse)`` with its own backward pass. The forward keeps only the output and each query's
+    log-sum-exp; the backward recomputes each block's probabilities from them
+    (FlashAttention's scheme, Dao et al. 2022), so no checkpoint has to run the forward
+    attention again. MLX schedules independent work breadth first, which would hold every
+    block's probabilities at once; so each block depends on the one before it
+    (``mx.depends``) and no more than a block's probabilities exist at a time: memory
+    grows linearly with length. Exponentials are powers of two: MLX's CPU ``exp`` runs
+    at a third of the speed of ``power`` (measured)."""
 
+    def scores(q: mx.array, k: mx.array, bias: mx.array, groups: int) -> mx.array:
+        """Masked scores in base 2, (B, Hkv, groups, n, keys), from (B, Hkv, groups*n, D)."""
+        s = ((q * (scale * LOG2E)) @ k.swapaxes(-1, -2)).astype(mx.float32)
+        b, h, rows, keys = s.shape
+        return s.reshape(b, h, groups, rows // groups, keys) + bias
 
-@softmax.vjp
-def _softmax_vjp(primals, cotangent, output):
-    return (output * (cotangent - (output * cotangent).sum(axis=-1, keepdims=True)),)
+    def heads(q: mx.array, k: mx.array) -> tuple[int, int, int, int]:
+        b, hq, _, d = q.shape
+        return b, k.shape[1], hq // k.shape[1], d
 
+    @mx.custom_function
+    def attend(q: mx.array, k: mx.array, v: mx.array):
+        b, hkv, g, d = heads(q, k)
+        outs, lses = [], []
+        for (lo, hi, first), bias in zip(ranges, biases):
+            n = hi - lo
+            qb, kb, vb = q[:, :, lo:hi], k[:, :, first:hi], v[:, :, first:hi]
+            if outs:  # after the previous block: one block's probabilities at a time
+                qb, kb, vb = mx.depends([qb, kb, vb], [outs[-1], lses[-1]])
+            s = scores(qb.reshape(b, hkv, g * n, d), kb, bias, g)
+            top = s.max(axis=-1, keepdims=True)
+            e = mx.power(2.0, s - top)
+            total = e.sum(axis=-1, keepdims=True)
+            out = (e / total).reshape(b, hkv, g * n, -1).astype(v.dtype) @ vb
+            outs.append(out.reshape(b, hkv * g, n, -1))
+            lses.append((top + mx.log2(total)).reshape(b, hkv * g, n, 1))
+        return mx.concatenate(outs, axis=2), mx.concatenate(lses, axis=2)
 
-def _block(q: mx.array, k: mx.array, v: mx.array, mask: mx.array, scale: float) -> mx.array:
-    """Softmax attention of a query block against its keys, with grouped-query heads."""
-    b, hq, n, d = q.shape
-    hkv = k.shape[1]
-    q = q.reshape(b, hkv, hq // hkv, n, d)
-    scores = ((q * scale) @ k[:, :, None].swapaxes(-1, -2)).astype(mx.float32)
-    probs = softmax(mx.where(mask, scores, -mx.inf))
-    out = probs.astype(v.dtype) @ v[:, :, None]
-    return out.reshape(b, hq, n, v.shape[-1])
+    @attend.vjp
+    def backward(primals, cotangents, outputs):
+        q, k, v = primals
+        d_out, (out, lse) = cotangents[0], outputs
+        b, hkv, g, d = heads(q, k)
+        delta = (d_out.astype(mx.float32) * out.astype(mx.float32)).sum(-1, keepdims=True)
+        dk, dv = mx.zeros(k.shape, mx.float32), mx.zeros(v.shape, mx.float32)
+        dqs: list[mx.array] = []
+        for (lo, hi, first), bias in zip(ranges, biases):
+            n = hi - lo
+            qb, kb, vb = q[:, :, lo:hi], k[:, :, first:hi], v[:, :, first:hi]
+            dob = d_out[:, :, lo:hi]
+            if dqs:  # after the previous block: one block's probabilities at a time
+                qb, kb, vb, dob = mx.depends([qb, kb, vb, dob], [dqs[-1], dk, dv])
+            qb, dob = qb.reshape(b, hkv, g * n, d), dob.reshape(b, hkv, g * n, -1)
+            lse_b = lse[:, :, lo:hi].reshape(b, hkv, g, n, 1)
+            p = mx.power(2.0, scores(qb, kb, bias, g) - lse_b)
+            dp = (dob @ vb.swapaxes(-1, -2)).astype(mx.float32).reshape(p.shape)
+            ds = p * (dp - delta[:, :, lo:hi].reshape(b, hkv, g, n, 1))
+            ds, p = ds.reshape(b, hkv, g * n, -1), p.reshape(b, hkv, g * n, -1)
+            dqs.append(((ds.astype(k.dtype) @ kb) * scale).reshape(b, hkv * g, n, d))
+            dk_b = (ds.swapaxes(-1, -2).astype(q.dtype) @ qb) * scale
+            dv_b = p.swapaxes(-1, -2).astype(v.dtype) @ dob
+            at = mx.array([first])
+            dk = mx.slice_update(dk, dk[:, :, first:hi] + dk_b, at, (2,))
+            dv = mx.slice_update(dv, dv[:, :, first:hi] + dv_b, at, (2,))
+        dq = mx.concatenate(dqs, axis=2)
+        return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+    return attend
 
 
 class PackedContext:

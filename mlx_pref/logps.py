@@ -19,8 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_pref import attention
-from mlx_pref.backend import sequence_multiple
+from mlx_pref import attention, fastmath
+from mlx_pref.backend import backend_name, sequence_multiple
 from mlx_pref.data.batching import Batch
 from mlx_pref.losses import (
     empty_rows,
@@ -44,13 +44,10 @@ share_prompt)``: ``vision.model`` registers the vision-language models it loads.
 @dataclass(frozen=True)
 class Recompute:
     """What the backward pass recomputes instead of keeping (the memory plan decides):
-    each attention block's probabilities, and each LM-head chunk's logits."""
+    each LM-head chunk's logits. (Attention always recomputes its probabilities one block
+    at a time: ``attention.flash_attention``.)"""
 
-    attention: bool = False
     head: bool = False
-    within_blocks: bool = False
-    """Attention recomputed inside checkpointed blocks too (a third attention pass, but no
-    block's probabilities kept even while it is recomputed: for the longest rows)."""
 
 
 @dataclass
@@ -139,6 +136,8 @@ def set_compile(enabled: bool) -> None:
 
 
 def _head_logps(logits: mx.array, targets: mx.array, with_p2: bool):
+    if not with_p2 and backend_name() == "cpu":  # MLX's CPU exp is slow: see fastmath
+        return fastmath.token_logps(logits.astype(mx.float32), targets), None
     out = _HEAD_FNS[(with_p2, _compiled)](logits, targets)
     return out if with_p2 else (out, None)
 
@@ -257,10 +256,9 @@ def packed_logps(
     if split is None or not attention.install(split[0]):
         return None
     body, head = split
+    fastmath.install(body)
     packed = pack(batch, share_prompt, sequence_multiple())
-    layout = attention.PackedAttention(
-        packed.segments, recompute=recompute.attention, within_blocks=recompute.within_blocks
-    )
+    layout = attention.PackedAttention(packed.segments)
     positions = mx.array(packed.segments.position.astype(np.int32))
     caches = [attention.PackedContext(layout, positions) for _ in body.layers]
     hidden = body(mx.array(packed.tokens[None]), cache=caches)
@@ -286,6 +284,7 @@ def padded_logps(model: nn.Module, batch: Batch, *, with_p2: bool = False) -> Se
     split = split_lm(model)
     if split is not None:
         body, head = split
+        fastmath.install(body)
         token_logps, p2 = score_hidden(body(inputs), head, flat, targets, with_p2)
     else:  # unknown architecture: full logits, gathered before the log-softmax
         token_logps, p2 = score_hidden(model(inputs), lambda h: h, flat, targets, with_p2)

@@ -3,17 +3,16 @@ way to keep it inside the budget.
 
 A step holds the weights, the trainable parameters' gradients and AdamW state, and for the
 backward pass every block's saved activations (per token: its inputs, norms, projections,
-attention outputs, MLP gates), the attention probabilities (per query, one float per key it
-sees, per head), and the LM head's logits for the scored tokens (per token, one float per
-vocabulary entry). The estimate counts those from the model's shape and the step's size
-(``Step``); its constants were fitted to MLX's measured peaks on two models (within 15% at
-every length measured; ``bench/memory.py`` prints estimate against measurement).
+attention outputs, MLP gates), the attention masks and one attention block's probabilities
+at a time (``attention.flash_attention``), and the LM head's logits for the scored tokens
+(per token, one float per vocabulary entry). The estimate counts those from the model's
+shape and the step's size (``Step``); its constants were fitted to MLX's measured peaks
+(``bench/run.py --only memory`` prints estimate against measurement).
 
 ``plan`` then picks, cheapest first: nothing; splitting each micro-batch into sub-batches
 (exact for losses that are a mean of per-example terms; free on a CPU, where throughput does
-not depend on batch size); keeping no attention probabilities (recomputed per block in the
-backward, a few percent of the step); keeping no LM-head logits; checkpointing every k-th
-block (about a third more compute at every block). When even the leanest setting does not
+not depend on batch size); keeping no LM-head logits; checkpointing every k-th block (about
+a third more compute at every block). When even the leanest setting does not
 fit, the run stops before any data is read, with what to change.
 """
 
@@ -27,23 +26,22 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlx_pref import backend
+from mlx_pref.attention import QUERY_BLOCK
 from mlx_pref.data.batching import PairExample
 from mlx_pref.errors import ConfigError
 from mlx_pref.logps import HEAD_CHUNK_ROWS, Recompute
 from mlx_pref.models import enable_grad_checkpoint
 
-ACTIVATION_SCALE = 1.25
+ACTIVATION_SCALE = 1.0
 """Measured saved bytes per block and token over the count of the arrays a LLaMA block keeps
 (4D + 2(Hq + Hkv)d + 3F): MLX keeps a few more (LoRA branches, casts)."""
-ACTIVATION_EXTRA = 1000
+ACTIVATION_EXTRA = 600
 """Elements per block and token that do not scale with the widths (positions, norms, masks)."""
-BLOCK_TRANSIENT = 2.0
-"""A checkpointed block's recompute and its gradients hold about two blocks' activations."""
-ATTENTION_BACKWARD = 2.3
-"""A layer's recomputed attention holds all its blocks' probabilities and their gradients
-at once in the backward pass (MLX evaluates the layer's block recomputations as one
-graph): measured 7.87 GB MLX peak for one 8,192-token pair against 3.02 GB estimated
-without this term, whose share is negligible below ~2,000 tokens per row."""
+BLOCK_TRANSIENT = 1.4
+"""A checkpointed block's recompute and its gradients hold about 1.4 blocks' activations."""
+ATTENTION_TRANSIENT = 4
+"""One attention block's backward holds its scores, probabilities and their gradients
+(``attention.flash_attention``): a few floats per head, block query and key."""
 HEAD_TRANSIENT = 2.0
 """The LM head's backward holds the softmax and the logits' gradient of one chunk."""
 DEFAULT_ACTIVATIONS = 2 << 30
@@ -121,7 +119,7 @@ class Settings:
     @property
     def recomputes(self) -> bool:
         """Whether the backward pass computes anything twice (sub-batches alone do not)."""
-        return bool(self.recompute.attention or self.recompute.head or self.checkpoint_every)
+        return bool(self.recompute.head or self.checkpoint_every)
 
     def describe(self) -> str:
         parts = []
@@ -134,9 +132,6 @@ class Settings:
                 else f"every {self.checkpoint_every} blocks"
             )
             parts.append(f"checkpointing {every}")
-        if self.recompute.attention:
-            within = " (inside checkpointed blocks too)" if self.recompute.within_blocks else ""
-            parts.append(f"attention recomputed{within}")
         if self.recompute.head:
             parts.append("LM head recomputed")
         return ", ".join(parts) or "everything kept"
@@ -165,13 +160,11 @@ def estimate(shape: Shape, fixed: float, step: Step, settings: Settings) -> Esti
     block = shape.block_bytes(tokens)
     activations = kept * block + checkpointed * tokens * shape.hidden * shape.act_bytes
     if checkpointed:  # a block recomputed while later kept blocks are already freed
-        activations += (BLOCK_TRANSIENT if not kept else BLOCK_TRANSIENT / 4) * block
-    probs = shape.heads * scores * 4
-    masks = scores  # one bool per visible key, built once and shared by every block
-    # A recomputed block keeps its own probabilities while its backward runs.
-    attention = masks + (0 if settings.recompute.attention else kept * probs)
-    attention += probs if checkpointed and not settings.recompute.within_blocks else 0
-    attention += ATTENTION_BACKWARD * probs if settings.recompute.attention else 0
+        activations += BLOCK_TRANSIENT * block
+    # Masks: a float per visible key, built once and shared by every block; each layer
+    # keeps a log-sum-exp per head and query; one block at a time holds its probabilities.
+    attention = scores * 4 + shape.layers * shape.heads * tokens * 4
+    attention += ATTENTION_TRANSIENT * shape.heads * QUERY_BLOCK * tokens * 4
     if shape.kernel == "fused":
         attention = tokens * tokens + shape.layers * shape.heads * tokens * 4  # mask, stats
     chunk = min(scored, HEAD_CHUNK_ROWS) * shape.vocab * 4
@@ -227,12 +220,9 @@ def candidates(decomposable: bool, examples: int, layers: int, checkpoint="auto"
     ``auto``, or true (every block) / false (none) as the user set it."""
     splits = [s for s in (2, 4, 8, 16, 32, 64) if s <= examples] if decomposable else []
     lean_split = splits[-1] if splits else 1
-    att = Recompute(attention=True)
-    both = Recompute(attention=True, head=True)
-    out = [Settings(), *[Settings(split=s) for s in splits]]
-    out += [Settings(lean_split, att), Settings(lean_split, both)]
-    out += [Settings(lean_split, both, every) for every in (4, 3, 2, 1) if every <= layers]
-    out.append(Settings(lean_split, Recompute(True, True, within_blocks=True), 1))
+    head = Recompute(head=True)
+    out = [Settings(), *[Settings(split=s) for s in splits], Settings(lean_split, head)]
+    out += [Settings(lean_split, head, every) for every in (4, 3, 2, 1) if every <= layers]
     if checkpoint is True:
         return [replace(s, checkpoint_every=1) for s in out if s.checkpoint_every in (0, 1)]
     if checkpoint is False:

@@ -14,7 +14,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_pref import attention, backend, moe
+from mlx_pref import backend, moe
 from mlx_pref.errors import ModelError
 
 HUB_PATTERNS = [
@@ -176,7 +176,7 @@ def enable_grad_checkpoint(model: nn.Module, every: int = 1) -> None:
         def checkpointed(self, *args, _call=call, **kwargs):
             def inner(params, *args, **kwargs):
                 self.update(params)
-                with moe.recording() as router_logits, attention.block_recomputed():
+                with moe.recording() as router_logits:
                     out = _call(self, *args, **kwargs)
                 return out, router_logits
 

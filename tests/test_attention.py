@@ -1,0 +1,98 @@
+"""Packed blockwise attention: the plain softmax attention's outputs and gradients, with
+memory that grows linearly with the length."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from _numerics import NUMERICS
+
+from mlx_pref.attention import PackedAttention, Segments
+
+TOL = NUMERICS.tolerance(1e-5)
+
+
+def segments(prompts: list[int], completions: list[list[int]]) -> Segments:
+    """A packed row: each prompt, then its completions (which also see the prompt)."""
+    seg, parent, position, start = [], [], [], []
+
+    def add(n: int, parent_seg: int, first_position: int) -> None:
+        start.append(len(seg))
+        seg.extend([len(start) - 1] * n)
+        parent.extend([parent_seg] * n)
+        position.extend(range(first_position, first_position + n))
+
+    for prompt, group in zip(prompts, completions):
+        at = len(start)
+        add(prompt, -1, 0)
+        for n in group:
+            add(n, at, prompt)
+    return Segments(*(np.asarray(a) for a in (seg, parent, position, start)))
+
+
+def plain_attention(q, k, v, allowed: np.ndarray, scale: float) -> mx.array:
+    """Softmax over every key with a dense mask, grouped-query heads repeated."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = mx.repeat(k, groups, axis=1), mx.repeat(v, groups, axis=1)
+    scores = mx.where(mx.array(allowed), (q * scale) @ k.swapaxes(-1, -2), -mx.inf)
+    return mx.softmax(scores, axis=-1) @ v
+
+
+ROWS = {
+    # ragged prompts, several completions each, one-token segments, blocks across segments
+    "ragged pairs": segments([5, 70, 1, 33], [[9, 1], [40, 66], [3, 2], [1, 80]]),
+    "one long row": segments([150], [[]]),
+    "unpaired rows": segments([17, 64, 8], [[12], [1], [100]]),
+}
+
+
+@pytest.mark.parametrize("block", [16, 64])
+@pytest.mark.parametrize("row", ROWS.values(), ids=ROWS)
+def test_outputs_and_gradients_equal_the_plain_attention(row, block):
+    n = len(row.segment)
+    rng = np.random.default_rng(n + block)
+    q, k, v, weights = (
+        mx.array(rng.normal(size=(1, h, n, 16)).astype(np.float32)) for h in (6, 2, 2, 6)
+    )
+    layout = PackedAttention(row, block=block)
+    allowed = np.asarray(layout.mask(0, n, 0))
+    for window in (None, 7):  # sliding-window layers see only the last ``window`` positions
+        layout.window = window
+        layout._biases, layout._attend = None, {}
+        if window is not None:
+            allowed = np.asarray(layout.mask(0, n, 0))
+
+        got = layout.attend(q, k, v, scale=0.3)
+        np.testing.assert_allclose(
+            np.asarray(got), np.asarray(plain_attention(q, k, v, allowed, 0.3)), atol=TOL
+        )
+        grads = mx.grad(lambda *a: (layout.attend(*a, scale=0.3) * weights).sum(), (0, 1, 2))
+        want_grads = mx.grad(
+            lambda *a, allowed=allowed: (plain_attention(*a, allowed, 0.3) * weights).sum(),
+            (0, 1, 2),
+        )
+        grads, want_grads = grads(q, k, v), want_grads(q, k, v)
+        for got, expected in zip(grads, want_grads):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=TOL)
+
+
+def test_a_layers_probabilities_never_exist_at_once():
+    """At 4,096 tokens one layer's probabilities are 9 heads x 4096^2 / 2 floats (302 MB).
+    Forward and backward hold the masks (a float per visible pair: 34 MB), the inputs'
+    gradients and a few blocks' probabilities: 102-123 MB measured on the CPU."""
+    n, heads, d = 4096, 9, 64
+    row = segments([n], [[]])
+    rng = np.random.default_rng(0)
+    q = mx.array(rng.normal(size=(1, heads, n, d)).astype(np.float32))
+    k, v = (mx.array(rng.normal(size=(1, 3, n, d)).astype(np.float32)) for _ in range(2))
+    layout = PackedAttention(row)
+    grad = mx.grad(lambda q, k, v: layout.attend(q, k, v, scale=0.125).sum(), (0, 1, 2))
+    mx.eval(q, k, v)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(grad(q, k, v))
+    extra = mx.get_peak_memory() - before
+    probabilities = heads * n * n / 2 * 4
+    assert extra < 0.5 * probabilities, (extra, probabilities)
