@@ -163,7 +163,8 @@ def flash_attention(ranges: list[tuple[int, int, int]], biases: list[mx.array], 
             top = s.max(axis=-1, keepdims=True)
             e = mx.power(2.0, s - top)
             total = e.sum(axis=-1, keepdims=True)
-            out = (e / total).reshape(b, hkv, g * n, -1).astype(v.dtype) @ vb
+            out = e.reshape(b, hkv, g * n, -1).astype(v.dtype) @ vb  # normalized after
+            out = out / total.reshape(b, hkv, g * n, 1).astype(v.dtype)
             outs.append(out.reshape(b, hkv * g, n, -1))
             lses.append((top + mx.log2(total)).reshape(b, hkv * g, n, 1))
         return mx.concatenate(outs, axis=2), mx.concatenate(lses, axis=2)
