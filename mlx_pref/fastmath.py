@@ -58,9 +58,10 @@ def _log_softmax_at(logits: mx.array, targets: mx.array) -> tuple[mx.array, mx.a
 @_log_softmax_at.vjp
 def _log_softmax_at_vjp(primals, cotangents, outputs):
     logits, targets = primals
-    probs = mx.power(2.0, logits * LOG2E - outputs[1])
-    onehot = mx.arange(logits.shape[-1])[None, :] == targets[:, None]
-    grad = cotangents[0][:, None] * (onehot.astype(logits.dtype) - probs)
+    cotangent = cotangents[0][:, None]
+    grad = -cotangent * mx.power(2.0, logits * LOG2E - outputs[1])  # -softmax
+    at = targets[:, None]
+    grad = mx.put_along_axis(grad, at, mx.take_along_axis(grad, at, axis=-1) + cotangent, axis=-1)
     return grad, mx.zeros_like(targets)
 
 

@@ -1,0 +1,60 @@
+"""The CPU's power-of-two versions of silu and the log-softmax: MLX's values and gradients."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from _numerics import NUMERICS
+from mlx_lm.models import llama
+
+from mlx_pref import fastmath
+from mlx_pref.backend import backend_name
+
+TOL = NUMERICS.tolerance(1e-5)
+
+
+def test_swiglu_equals_silu_times_up_with_its_gradients():
+    rng = np.random.default_rng(0)
+    # gates far into both tails too, where 2^x overflows or vanishes
+    gate = mx.array(np.concatenate([rng.normal(0, 4, 500), [-200, -90, 90, 200]]), mx.float32)
+    up, weights = (mx.array(rng.normal(size=504).astype(np.float32)) for _ in range(2))
+
+    def plain(g, u):
+        return nn.silu(g) * u
+
+    np.testing.assert_allclose(
+        np.asarray(fastmath.swiglu(gate, up)), np.asarray(plain(gate, up)), rtol=TOL, atol=TOL
+    )
+    ours = mx.grad(lambda g, u: (fastmath.swiglu(g, u) * weights).sum(), (0, 1))(gate, up)
+    want = mx.grad(lambda g, u: (plain(g, u) * weights).sum(), (0, 1))(gate, up)
+    for got, expected in zip(ours, want):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=TOL, atol=TOL)
+
+
+def test_token_logps_equal_the_log_softmax_with_its_gradient():
+    rng = np.random.default_rng(1)
+    logits = mx.array(rng.normal(0, 6, (37, 3000)).astype(np.float32))
+    targets = mx.array(rng.integers(0, 3000, 37).astype(np.int32))
+    weights = mx.array(rng.normal(size=37).astype(np.float32))
+
+    def plain(x):
+        return mx.take_along_axis(x, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(x, axis=-1)
+
+    np.testing.assert_allclose(
+        np.asarray(fastmath.token_logps(logits, targets)), np.asarray(plain(logits)), rtol=TOL
+    )
+    ours = mx.grad(lambda x: (fastmath.token_logps(x, targets) * weights).sum())(logits)
+    want = mx.grad(lambda x: (plain(x) * weights).sum())(logits)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(want), atol=TOL)
+
+
+def test_installed_on_the_cpu_only():
+    """The model module's own ``swiglu`` is replaced on the CPU, left as mlx-lm's elsewhere."""
+    args = llama.ModelArgs(
+        model_type="llama", hidden_size=16, num_hidden_layers=1, intermediate_size=32,
+        num_attention_heads=2, num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=10,
+    )  # fmt: skip
+    model = llama.Model(args)
+    fastmath.install(model.model)
+    assert (llama.swiglu is fastmath.swiglu) == (backend_name() == "cpu")
