@@ -159,15 +159,19 @@ def score_hidden(
     hidden = hidden.reshape(-1, hidden.shape[-1])[mx.array(index.astype(np.int32))]
     targets = mx.array(targets)
 
-    def chunk(i: int):
+    def chunk(i: int, after: list):
         def logps(h: mx.array):
             out = _head_logps(head(h), targets[i : i + HEAD_CHUNK_ROWS], with_p2)
             return out if with_p2 else out[0]
 
         rows = hidden[i : i + HEAD_CHUNK_ROWS]
+        if after:  # MLX would run the chunks side by side: one chunk's logits at a time
+            rows = mx.depends(rows, after[-1] if not with_p2 else after[-1][0])
         return mx.checkpoint(logps)(rows) if recompute else logps(rows)
 
-    pieces = [chunk(i) for i in range(0, len(index), HEAD_CHUNK_ROWS)]
+    pieces: list = []
+    for i in range(0, len(index), HEAD_CHUNK_ROWS):
+        pieces.append(chunk(i, pieces))
     if not with_p2:
         return mx.concatenate(pieces), None
     return mx.concatenate([p[0] for p in pieces]), mx.concatenate([p[1] for p in pieces])
