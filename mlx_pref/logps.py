@@ -20,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_pref import attention, fastmath
-from mlx_pref.backend import backend_name, sequence_multiple
+from mlx_pref.backend import sequence_multiple
 from mlx_pref.data.batching import Batch
 from mlx_pref.losses import (
     empty_rows,
@@ -136,8 +136,6 @@ def set_compile(enabled: bool) -> None:
 
 
 def _head_logps(logits: mx.array, targets: mx.array, with_p2: bool):
-    if not with_p2 and backend_name() == "cpu":  # MLX's CPU exp is slow: see fastmath
-        return fastmath.token_logps(logits.astype(mx.float32), targets), None
     out = _HEAD_FNS[(with_p2, _compiled)](logits, targets)
     return out if with_p2 else (out, None)
 
@@ -158,6 +156,8 @@ def score_hidden(
         return empty, (empty if with_p2 else None)
     hidden = hidden.reshape(-1, hidden.shape[-1])[mx.array(index.astype(np.int32))]
     targets = mx.array(targets)
+    if recompute and not with_p2:
+        return _recomputed_head(head, targets)(hidden), None
 
     def chunk(i: int, after: list):
         def logps(h: mx.array):
@@ -175,6 +175,39 @@ def score_hidden(
     if not with_p2:
         return mx.concatenate(pieces), None
     return mx.concatenate([p[0] for p in pieces]), mx.concatenate([p[1] for p in pieces])
+
+
+def _recomputed_head(head: Callable, targets: mx.array) -> Callable:
+    """The LM head's log-probs over row chunks, one chunk after another both ways: the
+    backward pass recomputes each chunk's logits right before its gradient and only after
+    the previous chunk's is done (MLX would run independent chunks side by side, holding
+    every chunk's logits: 4.8 GB for 8,192 rows of a 49,152-entry vocabulary). The head's
+    own weights get no gradient: it must be frozen."""
+    size = HEAD_CHUNK_ROWS
+
+    def logps(rows: mx.array, i: int) -> mx.array:
+        return _head_logps(head(rows), targets[i : i + size], False)[0]
+
+    @mx.custom_function
+    def run(hidden: mx.array) -> mx.array:
+        pieces: list[mx.array] = []
+        for i in range(0, hidden.shape[0], size):
+            rows = hidden[i : i + size]
+            pieces.append(logps(mx.depends(rows, pieces[-1]) if pieces else rows, i))
+        return mx.concatenate(pieces)
+
+    @run.vjp
+    def backward(primals, cotangent, output):
+        hidden = primals[0] if isinstance(primals, (list, tuple)) else primals
+        grads: list[mx.array] = []
+        for i in range(0, hidden.shape[0], size):
+            rows, cot = hidden[i : i + size], cotangent[i : i + size]
+            if grads:
+                rows, cot = mx.depends([rows, cot], [grads[-1]])
+            grads += mx.vjp(lambda r, i=i: logps(r, i), [rows], [cot])[1]
+        return mx.concatenate(grads)
+
+    return run
 
 
 def _round_up(n: int, multiple: int) -> int:

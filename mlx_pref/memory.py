@@ -38,7 +38,8 @@ ACTIVATION_SCALE = 1.0
 ACTIVATION_EXTRA = 600
 """Elements per block and token that do not scale with the widths (positions, norms, masks)."""
 BLOCK_TRANSIENT = 1.4
-"""A checkpointed block's recompute and its gradients hold about 1.4 blocks' activations."""
+"""A checkpointed block's recompute and its gradients hold about 1.4 blocks' activations
+(a quarter of that beside kept blocks, whose activations are freed as the backward goes)."""
 ATTENTION_TRANSIENT = 4
 """One attention block's backward holds its scores, probabilities and their gradients
 (``attention.flash_attention``): a few floats per head, block query and key."""
@@ -160,7 +161,7 @@ def estimate(shape: Shape, fixed: float, step: Step, settings: Settings) -> Esti
     block = shape.block_bytes(tokens)
     activations = kept * block + checkpointed * tokens * shape.hidden * shape.act_bytes
     if checkpointed:  # a block recomputed while later kept blocks are already freed
-        activations += BLOCK_TRANSIENT * block
+        activations += (BLOCK_TRANSIENT if not kept else BLOCK_TRANSIENT / 4) * block
     # Masks: a float per visible key, built once and shared by every block; each layer
     # keeps a log-sum-exp per head and query; one block at a time holds its probabilities.
     attention = scores * 4 + shape.layers * shape.heads * tokens * 4

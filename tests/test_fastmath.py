@@ -1,4 +1,4 @@
-"""The CPU's power-of-two versions of silu and the log-softmax: MLX's values and gradients."""
+"""The CPU's power-of-two silu: MLX's values and gradients."""
 
 from __future__ import annotations
 
@@ -30,23 +30,6 @@ def test_swiglu_equals_silu_times_up_with_its_gradients():
     want = mx.grad(lambda g, u: (plain(g, u) * weights).sum(), (0, 1))(gate, up)
     for got, expected in zip(ours, want):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=TOL, atol=TOL)
-
-
-def test_token_logps_equal_the_log_softmax_with_its_gradient():
-    rng = np.random.default_rng(1)
-    logits = mx.array(rng.normal(0, 6, (37, 3000)).astype(np.float32))
-    targets = mx.array(rng.integers(0, 3000, 37).astype(np.int32))
-    weights = mx.array(rng.normal(size=37).astype(np.float32))
-
-    def plain(x):
-        return mx.take_along_axis(x, targets[:, None], axis=-1)[:, 0] - mx.logsumexp(x, axis=-1)
-
-    np.testing.assert_allclose(
-        np.asarray(fastmath.token_logps(logits, targets)), np.asarray(plain(logits)), rtol=TOL
-    )
-    ours = mx.grad(lambda x: (fastmath.token_logps(x, targets) * weights).sum())(logits)
-    want = mx.grad(lambda x: (plain(x) * weights).sum())(logits)
-    np.testing.assert_allclose(np.asarray(ours), np.asarray(want), atol=TOL)
 
 
 def test_installed_on_the_cpu_only():
