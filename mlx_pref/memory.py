@@ -216,13 +216,17 @@ def budgets(fixed: float, limit: str | float | None) -> tuple[float, float, str]
     return lean, hard, "weights + 2 GB of activations"
 
 
-def candidates(decomposable: bool, examples: int, layers: int, checkpoint="auto") -> list[Settings]:
+def candidates(
+    decomposable: bool, examples: int, layers: int, checkpoint="auto", head_trains: bool = False
+) -> list[Settings]:
     """Settings from the cheapest to the leanest; ``checkpoint`` (``grad_checkpoint``):
-    ``auto``, or true (every block) / false (none) as the user set it."""
+    ``auto``, or true (every block) / false (none) as the user set it. A recomputed LM head
+    passes no gradient to its own weights, so it is not offered when they train."""
     splits = [s for s in (2, 4, 8, 16, 32, 64) if s <= examples] if decomposable else []
     lean_split = splits[-1] if splits else 1
-    head = Recompute(head=True)
-    out = [Settings(), *[Settings(split=s) for s in splits], Settings(lean_split, head)]
+    head = Recompute(head=not head_trains)
+    out = [Settings(), *[Settings(split=s) for s in splits]]
+    out += [] if head_trains else [Settings(lean_split, head)]
     out += [Settings(lean_split, head, every) for every in (4, 3, 2, 1) if every <= layers]
     if checkpoint is True:
         return [replace(s, checkpoint_every=1) for s in out if s.checkpoint_every in (0, 1)]
@@ -259,13 +263,14 @@ def plan(
     limit: str | float | None = None,
     decomposable: bool = False,
     checkpoint: bool | str = "auto",
+    head_trains: bool = False,
 ) -> MemoryPlan:
     """The cheapest settings whose estimate fits: without ``memory_limit``, sub-batches
     alone within the lean budget, else the least recomputation within 3 GB of activations;
     else the leanest, if it fits the most a step may use; else a one-line error saying
     what to change."""
     preferred, hard, source = budgets(fixed, limit)
-    options = candidates(decomposable, step.examples, shape.layers, checkpoint)
+    options = candidates(decomposable, step.examples, shape.layers, checkpoint, head_trains)
     guesses = [(s, estimate(shape, fixed, step, s)) for s in options]
     tiers = [(preferred, source, source != "memory_limit")]
     if source != "memory_limit":
@@ -334,7 +339,13 @@ def plan_run(model: nn.Module, cfg, steps: list[Step] | None, decomposable: bool
     else:
         step = worst_step(cfg)
     return plan(shape, fixed, step, limit=cfg.memory_limit, decomposable=decomposable,
-                checkpoint=cfg.grad_checkpoint)  # fmt: skip
+                checkpoint=cfg.grad_checkpoint, head_trains=head_trains(model))  # fmt: skip
+
+
+def head_trains(model: nn.Module) -> bool:
+    """Whether the LM head's weights train (full fine-tuning; tied: the embedding's)."""
+    names = [k for k, _ in tree_flatten(model.trainable_parameters())]
+    return any("lm_head" in k or "embed_tokens" in k for k in names)
 
 
 def epoch_steps(batch_plan) -> list[Step]:

@@ -143,3 +143,18 @@ def test_each_backend_gets_the_attention_it_can_train_with():
     assert attention_kernel("cuda", "float16", 128) == "fused"
     assert attention_kernel("cuda", "float32", 64) == "blocks"
     assert attention_kernel("cuda", "bfloat16", 256) == "blocks"
+
+
+def test_a_training_head_is_never_recomputed():
+    """A recomputed LM head passes no gradient to its own weights: under full fine-tuning
+    (the head or the tied embedding trains) the plan must keep the head's logits."""
+    model = load_model(None).model
+    apply_lora(model, LoraConfig(r=8, alpha=16))
+    assert not memory.head_trains(model)
+    model.unfreeze()
+    assert memory.head_trains(model)
+    lean = memory.candidates(True, 4, 4, head_trains=False)
+    full = memory.candidates(True, 4, 4, head_trains=True)
+    assert any(s.recompute.head for s in lean)
+    assert not any(s.recompute.head for s in full)
+    assert [s.checkpoint_every for s in full if s.checkpoint_every] == [4, 3, 2, 1]
