@@ -27,11 +27,11 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_pref.backend import attention_kernel, backend_name
+from mlx_pref.fastmath import LOG2E
 
 QUERY_BLOCK = 64
 """Queries per attention block: each block sees only the keys its queries can see, so
 small blocks skip most masked-out scores (64: the fastest measured on the CPU)."""
-LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
