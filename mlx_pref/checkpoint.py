@@ -78,6 +78,20 @@ def write_checkpoint(
     return final
 
 
+def _new_sibling(final: Path) -> Path:
+    """A new temporary folder beside ``final``, created here: nothing already on disk (a
+    crashed run's leftover under the same process id) is reused or removed."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}-{n}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            n += 1
+
+
 def write_verified_folder(
     final: Path,
     write_files: Callable[[Path], None],
@@ -90,11 +104,14 @@ def write_verified_folder(
     the folder is renamed into place. An intact ``final`` is kept unless ``replace``."""
     if final.exists() and verify(final) is None and not replace:
         return final
-    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    what = "checkpoint" if step is not None else "folder"
+    if final.exists() and not (final / MANIFEST).is_file():  # only replace what we wrote
+        raise WriteError(f"cannot write {final}: it exists and mlx-pref did not write it")
     try:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        tmp = _new_sibling(final)
+    except OSError as exc:
+        raise WriteError(f"cannot write {what} {final}: {_reason(exc)}") from None
+    try:
         write_files(tmp)
         manifest = {}
         for path in sorted(tmp.iterdir()):
@@ -104,14 +121,10 @@ def write_verified_folder(
         _fsync(tmp / MANIFEST)
         _fsync(tmp)
     except (OSError, RuntimeError, WriteError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # created by this call, empty before it
         detail = str(exc) if isinstance(exc, WriteError) else _reason(exc)
-        what = "checkpoint" if step is not None else "folder"
         raise WriteError(f"cannot write {what} {final}: {detail}") from None
     if final.exists():
-        if not (final / MANIFEST).is_file():  # only a folder this function wrote is replaced
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise WriteError(f"cannot write {final}: it exists and mlx-pref did not write it")
         old = final.with_name(f".old-{final.name}-{os.getpid()}")
         os.rename(final, old)
         os.rename(tmp, final)

@@ -221,3 +221,16 @@ def test_a_verified_folder_never_replaces_one_mlx_pref_did_not_write(tmp_path):
     write_verified_folder(ours, lambda d: (d / "a.txt").write_text("one"))
     write_verified_folder(ours, lambda d: (d / "a.txt").write_text("two"), replace=True)
     assert (ours / "a.txt").read_text() == "two"
+
+
+def test_a_leftover_temporary_folder_is_never_removed(tmp_path):
+    """A folder named like this process's temporary one (a crashed run's, or anyone's) is
+    left as it is; the write goes to a new one beside it."""
+    final = tmp_path / "best"
+    leftover = tmp_path / f".tmp-best-{os.getpid()}-0"
+    leftover.mkdir()
+    (leftover / "notes.txt").write_text("keep me")
+    write_verified_folder(final, lambda d: (d / "a.txt").write_text("one"))
+    assert (final / "a.txt").read_text() == "one"
+    assert [p.name for p in leftover.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["best", leftover.name])
