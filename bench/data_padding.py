@@ -34,8 +34,8 @@ def packed_padding(examples, batch_size: int, multiple: int) -> float:
     rounded up to ``multiple`` tokens (128 on CUDA, for its fused attention backward)."""
     total = real = 0
     for batch in iterate_batches(examples, batch_size, seed=0, epoch=0):
-        total += len(pack(batch, True, multiple).tokens)
-        real += len(pack(batch, True, 1).tokens)
+        n = len(pack(batch, True, 1).tokens)
+        real, total = real + n, total + -(-n // multiple) * multiple
     return 1.0 - real / total
 
 

@@ -156,58 +156,52 @@ def score_hidden(
         return empty, (empty if with_p2 else None)
     hidden = hidden.reshape(-1, hidden.shape[-1])[mx.array(index.astype(np.int32))]
     targets = mx.array(targets)
-    if recompute and not with_p2:
-        return _recomputed_head(head, targets)(hidden), None
 
-    def chunk(i: int, after: list):
-        def logps(h: mx.array):
-            out = _head_logps(head(h), targets[i : i + HEAD_CHUNK_ROWS], with_p2)
-            return out if with_p2 else out[0]
+    def chunk(rows: mx.array, i: int) -> list[mx.array]:
+        out = _head_logps(head(rows), targets[i : i + HEAD_CHUNK_ROWS], with_p2)
+        return [a for a in out if a is not None]
 
+    out = _recomputed(chunk)(hidden) if recompute else _in_turn(chunk, hidden)
+    return out[0], (out[1] if with_p2 else None)
+
+
+def _in_turn(chunk: Callable, hidden: mx.array) -> list[mx.array]:
+    """``chunk(rows, i)`` over the row chunks of ``hidden``, each after the one before (MLX
+    would run independent chunks side by side, holding every chunk's logits: 4.8 GB for
+    8,192 rows of a 49,152-entry vocabulary), its outputs concatenated."""
+    pieces: list[list[mx.array]] = []
+    for i in range(0, hidden.shape[0], HEAD_CHUNK_ROWS):
         rows = hidden[i : i + HEAD_CHUNK_ROWS]
-        if after:  # MLX would run the chunks side by side: one chunk's logits at a time
-            rows = mx.depends(rows, after[-1] if not with_p2 else after[-1][0])
-        return mx.checkpoint(logps)(rows) if recompute else logps(rows)
-
-    pieces: list = []
-    for i in range(0, len(index), HEAD_CHUNK_ROWS):
-        pieces.append(chunk(i, pieces))
-    if not with_p2:
-        return mx.concatenate(pieces), None
-    return mx.concatenate([p[0] for p in pieces]), mx.concatenate([p[1] for p in pieces])
+        pieces.append(chunk(mx.depends(rows, pieces[-1]) if pieces else rows, i))
+    return [mx.concatenate(parts) for parts in zip(*pieces)]
 
 
-def _recomputed_head(head: Callable, targets: mx.array) -> Callable:
-    """The LM head's log-probs over row chunks, one chunk after another both ways: the
-    backward pass recomputes each chunk's logits right before its gradient and only after
-    the previous chunk's is done (MLX would run independent chunks side by side, holding
-    every chunk's logits: 4.8 GB for 8,192 rows of a 49,152-entry vocabulary). The head's
-    own weights get no gradient: it must be frozen."""
-    size = HEAD_CHUNK_ROWS
+def _as_list(a) -> list[mx.array]:
+    return list(a) if isinstance(a, (list, tuple)) else [a]
 
-    def logps(rows: mx.array, i: int) -> mx.array:
-        return _head_logps(head(rows), targets[i : i + size], False)[0]
+
+def _recomputed(chunk: Callable) -> Callable[[mx.array], list[mx.array]]:
+    """``_in_turn`` whose backward pass recomputes each chunk's logits right before its
+    gradient, one chunk after another too. The head's own weights get no gradient: it
+    must be frozen (the memory plan does not recompute a training head)."""
 
     @mx.custom_function
-    def run(hidden: mx.array) -> mx.array:
-        pieces: list[mx.array] = []
-        for i in range(0, hidden.shape[0], size):
-            rows = hidden[i : i + size]
-            pieces.append(logps(mx.depends(rows, pieces[-1]) if pieces else rows, i))
-        return mx.concatenate(pieces)
+    def run(hidden: mx.array):
+        return tuple(_in_turn(chunk, hidden))
 
     @run.vjp
-    def backward(primals, cotangent, output):
-        hidden = primals[0] if isinstance(primals, (list, tuple)) else primals
+    def backward(primals, cotangents, outputs):
+        hidden, cotangents = _as_list(primals)[0], _as_list(cotangents)
         grads: list[mx.array] = []
-        for i in range(0, hidden.shape[0], size):
-            rows, cot = hidden[i : i + size], cotangent[i : i + size]
+        for i in range(0, hidden.shape[0], HEAD_CHUNK_ROWS):
+            rows = hidden[i : i + HEAD_CHUNK_ROWS]
+            cots = [c[i : i + HEAD_CHUNK_ROWS] for c in cotangents]
             if grads:
-                rows, cot = mx.depends([rows, cot], [grads[-1]])
-            grads += mx.vjp(lambda r, i=i: logps(r, i), [rows], [cot])[1]
+                rows, *cots = mx.depends([rows, *cots], [grads[-1]])
+            grads += mx.vjp(lambda r, i=i: chunk(r, i), [rows], cots)[1]
         return mx.concatenate(grads)
 
-    return run
+    return lambda hidden: _as_list(run(hidden))
 
 
 def _round_up(n: int, multiple: int) -> int:

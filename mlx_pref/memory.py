@@ -226,7 +226,8 @@ def candidates(
     lean_split = splits[-1] if splits else 1
     head = Recompute(head=not head_trains)
     out = [Settings(), *[Settings(split=s) for s in splits]]
-    out += [] if head_trains else [Settings(lean_split, head)]
+    if not head_trains:
+        out.append(Settings(lean_split, head))
     out += [Settings(lean_split, head, every) for every in (4, 3, 2, 1) if every <= layers]
     if checkpoint is True:
         return [replace(s, checkpoint_every=1) for s in out if s.checkpoint_every in (0, 1)]
