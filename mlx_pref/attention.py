@@ -84,7 +84,6 @@ class PackedAttention:
 
     def __init__(self, segments: Segments, block: int = QUERY_BLOCK) -> None:
         self.segments = segments
-        self.block = block
         self.window: int | None = None
         self._vectors = [mx.array(a.astype(np.int32)) for a in (
             segments.segment, segments.parent, segments.position
@@ -93,7 +92,6 @@ class PackedAttention:
         self.ranges = [(lo, min(lo + block, n)) for lo in range(0, n, block)]
         self.ranges = [(lo, hi, segments.first_key(lo, hi)) for lo, hi in self.ranges]
         self._biases: list[mx.array] | None = None
-        self._attend: dict[float, Callable] = {}
         self._dense: mx.array | None = None
 
     def mask(self, lo: int, hi: int, first: int) -> mx.array:
@@ -121,11 +119,9 @@ class PackedAttention:
             return mx.fast.scaled_dot_product_attention(
                 queries, keys, values, scale=scale, mask=self.dense_mask()
             )
-        if scale not in self._attend:  # one per scale; models use one for every layer
-            if self._biases is None:  # 0 where a query sees a key, else -inf (faster than a select)
-                self._biases = [mx.where(self.mask(*r), 0.0, -mx.inf) for r in self.ranges]
-            self._attend[scale] = flash_attention(self.ranges, self._biases, scale)
-        return self._attend[scale](queries, keys, values)[0]
+        if self._biases is None:  # 0 where a query sees a key, else -inf (faster than a select)
+            self._biases = [mx.where(self.mask(*r), 0.0, -mx.inf) for r in self.ranges]
+        return flash_attention(self.ranges, self._biases, scale)(queries, keys, values)[0]
 
 
 def flash_attention(ranges: list[tuple[int, int, int]], biases: list[mx.array], scale: float):

@@ -55,19 +55,18 @@ def test_outputs_and_gradients_equal_the_plain_attention(row, block):
     q, k, v, weights = (
         mx.array(rng.normal(size=(1, h, n, 16)).astype(np.float32)) for h in (6, 2, 2, 6)
     )
-    layout = PackedAttention(row, block=block)
-    allowed = np.asarray(layout.mask(0, n, 0))
     for window in (None, 7):  # sliding-window layers see only the last ``window`` positions
+        layout = PackedAttention(row, block=block)
         layout.window = window
-        layout._biases, layout._attend = None, {}
-        if window is not None:
-            allowed = np.asarray(layout.mask(0, n, 0))
+        allowed = np.asarray(layout.mask(0, n, 0))
 
         got = layout.attend(q, k, v, scale=0.3)
         np.testing.assert_allclose(
             np.asarray(got), np.asarray(plain_attention(q, k, v, allowed, 0.3)), atol=TOL
         )
-        grads = mx.grad(lambda *a: (layout.attend(*a, scale=0.3) * weights).sum(), (0, 1, 2))
+        grads = mx.grad(
+            lambda *a, layout=layout: (layout.attend(*a, scale=0.3) * weights).sum(), (0, 1, 2)
+        )
         want_grads = mx.grad(
             lambda *a, allowed=allowed: (plain_attention(*a, allowed, 0.3) * weights).sum(),
             (0, 1, 2),
