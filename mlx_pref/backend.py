@@ -290,7 +290,7 @@ def package_versions() -> dict[str, str]:
     out = {}
     for name in (
         "mlx-pref", "mlx", "mlx-metal", "mlx-cpu", "mlx-cuda-12", "mlx-cuda-13", "mlx-lm",
-        "numpy", "huggingface-hub", "safetensors", "cmeel-openblas",
+        "numpy", "huggingface-hub", "safetensors", "cmeel-openblas", "nanobind",
     ):  # fmt: skip
         try:
             out[name] = version(name)

