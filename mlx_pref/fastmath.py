@@ -16,6 +16,7 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_pref import native
 from mlx_pref.backend import backend_name
 
 LOG2E = 1.4426950408889634
@@ -27,13 +28,21 @@ def _sigmoid(x: mx.array) -> mx.array:
 
 @mx.custom_function
 def swiglu(gate: mx.array, up: mx.array) -> mx.array:
-    """``silu(gate) * up``, the gated MLP of LLaMA-style blocks."""
+    """``silu(gate) * up``, the gated MLP of LLaMA-style blocks (the native kernel when
+    it is built: ``native.py``)."""
+    kernels = native.load()
+    if kernels is not None:
+        return kernels.swiglu(gate, up, native.threads())[0].astype(gate.dtype)
     return gate * _sigmoid(gate) * up
 
 
 @swiglu.vjp
 def _swiglu_vjp(primals, cotangent, output):
     gate, up = primals
+    kernels = native.load()
+    if kernels is not None:
+        d_gate, d_up = kernels.swiglu_grad(gate, up, cotangent, native.threads())
+        return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
     s = _sigmoid(gate)
     silu = gate * s
     return cotangent * up * (s + silu * (1 - s)), cotangent * silu

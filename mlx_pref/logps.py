@@ -19,8 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from mlx_pref import attention, fastmath
-from mlx_pref.backend import sequence_multiple
+from mlx_pref import attention, fastmath, native
+from mlx_pref.backend import backend_name, sequence_multiple
 from mlx_pref.data.batching import Batch
 from mlx_pref.losses import (
     empty_rows,
@@ -135,7 +135,23 @@ def set_compile(enabled: bool) -> None:
     _compiled = enabled
 
 
+@mx.custom_function
+def _native_token_logps(logits: mx.array, targets: mx.array) -> list[mx.array]:
+    """``_token_logps`` by the native CPU kernel (``native.py``): (log-probs, logsumexp)."""
+    return native.load().token_logps(logits, targets, native.threads())
+
+
+@_native_token_logps.vjp
+def _native_token_logps_vjp(primals, cotangents, outputs):
+    logits, targets = primals
+    kernels = native.load()
+    d = kernels.token_logps_grad(logits, targets, outputs[1], cotangents[0], native.threads())
+    return d[0].astype(logits.dtype), mx.zeros_like(targets)
+
+
 def _head_logps(logits: mx.array, targets: mx.array, with_p2: bool):
+    if not with_p2 and backend_name() == "cpu" and native.load() is not None:
+        return _native_token_logps(logits, targets)[0], None
     out = _HEAD_FNS[(with_p2, _compiled)](logits, targets)
     return out if with_p2 else (out, None)
 

@@ -27,7 +27,7 @@ from types import ModuleType
 
 from mlx_pref.backend import blas_threads, cache_dir
 
-SOURCE = Path(__file__).parent / "native" / "attention.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 NATIVE_ENV = "MLX_PREF_NATIVE"
 _reason = ""
 
@@ -44,7 +44,7 @@ def _compiler() -> str | None:
 def _build_command(compiler: str, nanobind_dir: Path, mlx_dir: Path, out: Path) -> list[str]:
     python_include = sysconfig.get_paths()["include"]
     return [
-        compiler, "-O3", "-march=native", "-std=c++20", "-shared", "-fPIC",
+        compiler, "-O3", "-march=native", "-fopenmp-simd", "-std=c++20", "-shared", "-fPIC",
         "-fvisibility=hidden", "-DNDEBUG",
         "-DNB_DOMAIN=mlx",  # share MLX's nanobind type registry: pass mx.array both ways
         f"-I{python_include}", f"-I{mlx_dir / 'include'}", f"-I{nanobind_dir / 'include'}",

@@ -130,3 +130,25 @@ def test_a_layers_probabilities_never_exist_at_once(kernel):
     extra = mx.get_peak_memory() - before
     probabilities = heads * n * n / 2 * 4
     assert extra < 0.5 * probabilities, (extra, probabilities)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_native_gradients_are_the_same_bits_on_any_number_of_threads(threads, monkeypatch):
+    """The native backward sums each key's gradient in a fixed order (two lanes per kv
+    head), so a resumed run reproduces its steps exactly on a busier or larger machine."""
+    kernel_available("native")
+    row = ROWS["ragged pairs"]
+    n = len(row.segment)
+    rng = np.random.default_rng(1)
+    q, k, v = (mx.array(rng.normal(size=(1, h, n, 16)).astype(np.float32)) for h in (6, 2, 2))
+
+    def grads():
+        layout = PackedAttention(row, block=16)
+        f = mx.grad(lambda *a: layout.attend(*a, scale=0.3, kernel="native").sum(), (0, 1, 2))
+        return [np.asarray(g) for g in f(q, k, v)]
+
+    monkeypatch.setattr(native, "threads", lambda: 2)
+    want = grads()
+    monkeypatch.setattr(native, "threads", lambda: threads)
+    for got, expected in zip(grads(), want):
+        np.testing.assert_array_equal(got, expected)

@@ -1,20 +1,26 @@
-"""The CPU's power-of-two silu: MLX's values and gradients."""
+"""The CPU's silu (native kernel, or MLX through powers of two): MLX's values and gradients."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 from _numerics import NUMERICS
 from mlx_lm.models import llama
 
-from mlx_pref import fastmath
+from mlx_pref import fastmath, native
 from mlx_pref.backend import backend_name
 
 TOL = NUMERICS.tolerance(1e-5)
 
 
-def test_swiglu_equals_silu_times_up_with_its_gradients():
+@pytest.mark.parametrize("kernels", ["native", "mlx"])
+def test_swiglu_equals_silu_times_up_with_its_gradients(kernels, monkeypatch):
+    if kernels == "mlx":
+        monkeypatch.setattr(native, "load", lambda: None)
+    elif native.load() is None:
+        pytest.skip(native.reason())
     rng = np.random.default_rng(0)
     # gates far into both tails too, where 2^x overflows or vanishes
     gate = mx.array(np.concatenate([rng.normal(0, 4, 500), [-200, -90, 90, 200]]), mx.float32)
