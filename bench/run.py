@@ -576,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlx_pref  # noqa: F401  (OpenBLAS first, for the matmul rate below)
     from mlx_pref import backend
+    from mlx_pref.doctor import native_line
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = common.cache_root() / "runs" / stamp
@@ -595,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_before": load_before,
         "matmul_gflops": backend.matmul_gflops(),
         "blas": backend.blas_info().name,
+        "native_kernels": native_line(),
         "versions": _versions(),
         "flops_cached_concat": common.step_flops(
             shape, data["step"], share_prompt=False, reference=False
@@ -611,7 +613,8 @@ def main(argv: list[str] | None = None) -> int:
         f"model: {model_desc}\ndata: {data['source']} -> pairs {data['step_indices']}: "
         f"{data['step_stats']['tokens']} tokens, {data['step_stats']['completion_tokens']} completion "
         f"tokens per step\nmatmul {meta['matmul_gflops']:.0f} GFLOP/s ({meta['blas']}), "
-        f"load average {load_before}, run dir {run_dir}"
+        f"native CPU kernels {meta['native_kernels']}, load average {load_before}, "
+        f"run dir {run_dir}"
     )
     base_spec = {
         "model": str(model_dir),

@@ -98,6 +98,7 @@ def load() -> ModuleType | None:
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         command = _build_command(compiler, nanobind_dir, mlx_dir, partial)
+        print("mlx-pref: building the native CPU kernels (once, ~15 s)", file=sys.stderr)
         try:
             done = subprocess.run(command, capture_output=True, text=True, timeout=600)
         except (OSError, subprocess.TimeoutExpired) as e:
