@@ -61,11 +61,12 @@ class Runner:
         """Run ``worker`` once under ``name``; a name already measured is not run again."""
         if name in self.results:
             return self.results[name]
+        extra_env = spec.pop("env", {})
         full = {**self.base, **spec, "threads": self.threads}
         spec_path = self.run_dir / f"{name}.spec.json"
         out_path = self.run_dir / f"{name}.json"
         spec_path.write_text(json.dumps(full))
-        env = common.peer_env()
+        env = {**common.peer_env(), **extra_env}
         if self.threads:
             for key in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
                 env[key] = str(self.threads)
@@ -199,6 +200,7 @@ def run_sections(runner: Runner, sections: list[str], args, data: dict) -> None:
         )
         runner.run("naive-logsumexp", "ours.py", warmup=w, steps=s, mode="naive", head="logsumexp")
         runner.run("ours-compile", "ours.py", warmup=w, steps=s, config={"compile": True})
+        runner.run("ours-mlx-ops", "ours.py", warmup=w, steps=s, env={"MLX_PREF_NATIVE": "0"})
         runner.run("ours-bf16", "ours.py", warmup=w, steps=s, config={"dtype": "bfloat16"})
         runner.run("ours-4bit", "ours.py", warmup=w, steps=s, config={"quantization": "4bit"})
         runner.run(
@@ -375,6 +377,7 @@ def report(results: dict[str, dict], data: dict, meta: dict) -> tuple[str, dict]
         ),
         ("naive full step -> ours (all of the above)", "naive-log-softmax", "ours"),
         ("cached reference (reference: cache vs adapters-off)", "ref-adapters-off", "ours"),
+        ("native CPU kernels (vs MLX ops: MLX_PREF_NATIVE=0)", "ours-mlx-ops", "ours"),
         ("compile: true", "ours", "ours-compile"),
         ("bf16 compute (dtype: bfloat16)", "ours", "ours-bf16"),
         ("4-bit quantized base (quantization: 4bit)", "ours", "ours-4bit"),

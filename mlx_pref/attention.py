@@ -224,6 +224,8 @@ def native_attention(vectors: list[mx.array], ranges: mx.array, scale: float, wi
     its query blocks ``ranges`` ((blocks, 3) int32: lo, hi, first key); ``window`` 0 for
     none. The mask is computed in the kernel from the segments; float32 inside."""
     kernels, threads = native.load(), native.threads()
+    if kernels is None:
+        raise RuntimeError(f"the native attention kernel is not available: {native.reason()}")
 
     @mx.custom_function
     def attend(q: mx.array, k: mx.array, v: mx.array):

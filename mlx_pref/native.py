@@ -4,7 +4,7 @@ MLX's CPU backend runs element-wise work one element at a time on one thread (on
 SIMD width is 1), and MLX offers no way to write a CPU kernel from Python; computing on
 the host inside a traced function instead keeps the whole forward graph alive (measured:
 5x the peak memory of a training step). So the packed block attention also exists as an
-MLX primitive in C++ (``native/attention.cpp``), compiled here against the installed MLX
+MLX primitive in C++ (``csrc/kernels.cpp``), compiled here against the installed MLX
 with nanobind (the binding library MLX itself uses, whose internals an extension must
 share to pass arrays) and the system C++ compiler, once per MLX, nanobind, Python and
 source version, into ``cache_dir()/native``. Where anything is missing (no compiler, no
@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -37,14 +39,18 @@ def reason() -> str:
     return _reason
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+def _compiler() -> list[str] | None:
+    """The C++ compiler command (``CXX`` may carry arguments, e.g. ``ccache g++``)."""
+    if os.environ.get("CXX"):
+        return shlex.split(os.environ["CXX"])
+    found = shutil.which("g++") or shutil.which("c++")
+    return [found] if found else None
 
 
-def _build_command(compiler: str, nanobind_dir: Path, mlx_dir: Path, out: Path) -> list[str]:
+def _build_command(compiler: list[str], nanobind_dir: Path, mlx_dir: Path, out: Path) -> list[str]:
     python_include = sysconfig.get_paths()["include"]
     return [
-        compiler, "-O3", "-march=native", "-fopenmp-simd", "-std=c++20", "-shared", "-fPIC",
+        *compiler, "-O3", "-march=native", "-fopenmp-simd", "-std=c++20", "-shared", "-fPIC",
         "-fvisibility=hidden", "-DNDEBUG",
         "-DNB_DOMAIN=mlx",  # share MLX's nanobind type registry: pass mx.array both ways
         f"-I{python_include}", f"-I{mlx_dir / 'include'}", f"-I{nanobind_dir / 'include'}",
@@ -52,6 +58,18 @@ def _build_command(compiler: str, nanobind_dir: Path, mlx_dir: Path, out: Path) 
         str(nanobind_dir / "src" / "nb_combined.cpp"), str(SOURCE),
         f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}", "-o", str(out),
     ]  # fmt: skip
+
+
+def _machine() -> str:
+    """What ``-march=native`` depends on: the architecture and the CPU's feature flags (a
+    cache shared between machines must not hand one the other's instructions)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return platform.machine() + " " + " ".join(sorted(flags.split(":")[-1].split()))
 
 
 def _import(path: Path) -> ModuleType:
@@ -65,7 +83,7 @@ def _import(path: Path) -> ModuleType:
 def load() -> ModuleType | None:
     """The compiled kernels (built now if not cached), or None (see ``reason``)."""
     global _reason
-    if os.environ.get(NATIVE_ENV, "1").strip() in ("0", "false", "off"):
+    if os.environ.get(NATIVE_ENV, "1").strip().lower() in ("0", "false", "off", "no"):
         _reason = f"{NATIVE_ENV}=0"
         return None
     if not sys.platform.startswith("linux"):
@@ -85,38 +103,59 @@ def load() -> ModuleType | None:
     if not Path(sysconfig.get_paths()["include"], "Python.h").exists():
         _reason = "Python's headers are missing (Debian/Ubuntu: apt install python3-dev)"
         return None
-    mlx_dir = Path(mlx.__path__[0])
-    nanobind_dir = Path(nanobind.__file__).parent
+    mlx_dir, nanobind_dir = Path(mlx.__path__[0]), Path(nanobind.__file__).parent
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-    key = hashlib.sha256(
-        "|".join(
-            [SOURCE.read_text(), mx.__version__, nanobind.__version__, sys.version, compiler]
-        ).encode()
-    ).hexdigest()[:16]
-    target = cache_dir() / "native" / key / f"_native{suffix}"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        command = _build_command(compiler, nanobind_dir, mlx_dir, partial)
-        print("mlx-pref: building the native CPU kernels (once, ~15 s)", file=sys.stderr)
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            _reason = f"building the native kernels failed: {e}"
-            return None
-        if done.returncode != 0:
-            partial.unlink(missing_ok=True)
-            last = (done.stderr.strip().splitlines() or ["?"])[-1]
-            _reason = f"building the native kernels failed: {last}"
-            return None
-        os.replace(partial, target)  # atomic: a concurrent build writes the same bytes
     try:
-        module = _import(target)
-        _check(module, mx)
-    except (ImportError, AttributeError, OSError, TypeError, ValueError) as e:
-        _reason = f"the native kernels do not load: {e}"
+        command = _build_command(compiler, nanobind_dir, mlx_dir, Path("OUT"))
+        version = subprocess.run([*compiler, "--version"], capture_output=True, text=True).stdout
+        key = hashlib.sha256(
+            "|".join(
+                [
+                    SOURCE.read_text(),
+                    mx.__version__,
+                    nanobind.__version__,
+                    sys.version,
+                    " ".join(command),
+                    version,
+                    _machine(),
+                ]
+            ).encode()  # fmt: skip
+        ).hexdigest()[:16]
+        target = cache_dir() / "native" / key / f"_native{suffix}"
+        for attempt in range(2):  # a cached library that no longer loads is built again
+            if not target.exists():
+                _build(compiler, nanobind_dir, mlx_dir, target)
+            try:
+                module = _import(target)
+                _check(module, mx)
+                return module
+            except (ImportError, OSError, AttributeError, TypeError, ValueError, RuntimeError):
+                if attempt:
+                    raise
+                target.unlink(missing_ok=True)
+    except Exception as e:  # noqa: BLE001 (any failure: say why, and run MLX's ops instead)
+        _reason = f"the native kernels could not be built or loaded: {e}"
         return None
-    return module
+    return None
+
+
+def _build(compiler: list[str], nanobind_dir: Path, mlx_dir: Path, target: Path) -> None:
+    """Compile into a file of this process's own, then rename it into place (atomic: a
+    process building at the same time writes the same bytes)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    print("mlx-pref: building the native CPU kernels (once, ~15 s)", file=sys.stderr)
+    try:
+        done = subprocess.run(
+            _build_command(compiler, nanobind_dir, mlx_dir, partial),
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["?"])[-1]
+            raise RuntimeError(f"the compiler failed: {last}")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _check(module: ModuleType, mx) -> None:
@@ -132,6 +171,9 @@ def _check(module: ModuleType, mx) -> None:
 def threads() -> int:
     """Worker threads for the kernels: one per core, one when the machine is already busy
     (``backend.blas_threads``'s rule, which ``MLX_PREF_BLAS_THREADS`` overrides)."""
+    value = os.environ.get("OPENBLAS_NUM_THREADS", "").strip()  # set by load_fast_blas too
+    if value.isdigit() and int(value) > 0:
+        return int(value)
     forced = blas_threads()[0]
     if forced:
         return forced

@@ -152,3 +152,25 @@ def test_native_gradients_are_the_same_bits_on_any_number_of_threads(threads, mo
     monkeypatch.setattr(native, "threads", lambda: threads)
     for got, expected in zip(grads(), want):
         np.testing.assert_array_equal(got, expected)
+
+
+def test_without_the_native_kernels_attention_runs_in_mlx(tmp_path, monkeypatch):
+    """A cache folder that cannot be created: ``native.load`` says why and returns None,
+    and attention falls back to MLX's ops with the same values."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(native, "cache_dir", lambda: blocker / "cache")
+    monkeypatch.setattr(native, "load", native.load.__wrapped__)
+    assert native.load() is None
+    assert native.reason().startswith("the native kernels could not be built or loaded")
+    row = ROWS["unpaired rows"]
+    n = len(row.segment)
+    rng = np.random.default_rng(2)
+    q, k, v = (mx.array(rng.normal(size=(1, h, n, 16)).astype(np.float32)) for h in (6, 2, 2))
+    layout = PackedAttention(row)
+    allowed = np.asarray(layout.mask(0, n, 0))
+    np.testing.assert_allclose(
+        np.asarray(layout.attend(q, k, v, scale=0.3)),
+        np.asarray(plain_attention(q, k, v, allowed, 0.3)),
+        atol=TOL,
+    )

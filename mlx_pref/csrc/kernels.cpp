@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <dlfcn.h>
+#include <exception>
 #include <functional>
 #include <stdexcept>
 #include <thread>
@@ -79,6 +80,7 @@ int workers_for(int threads, size_t items) {
 // Runs fn(item, worker) for items in the given order on `threads` workers (the calling
 // thread, MLX's stream, is worker 0). BLAS runs one thread per worker meanwhile: two
 // workers whose BLAS calls start two threads each wait on each other's spinning threads.
+// An exception in any worker is rethrown here once all have stopped.
 template <class F>
 void parallel(const std::vector<int>& order, int threads, F&& fn) {
   static BlasThreads blas;
@@ -86,17 +88,27 @@ void parallel(const std::vector<int>& order, int threads, F&& fn) {
     for (int item : order) fn(item, 0);
     return;
   }
-  int before = blas.get();
+  struct Restore {
+    int before;
+    ~Restore() { blas.set(before); }
+  } restore{blas.get()};
   blas.set(1);
   std::atomic<size_t> next{0};
+  std::vector<std::exception_ptr> errors(threads);
   auto work = [&](int worker) {
-    for (size_t i = next++; i < order.size(); i = next++) fn(order[i], worker);
+    try {
+      for (size_t i = next++; i < order.size(); i = next++) fn(order[i], worker);
+    } catch (...) {
+      errors[worker] = std::current_exception();
+      next = order.size();
+    }
   };
   std::vector<std::thread> pool;
   for (int w = 1; w < threads; ++w) pool.emplace_back(work, w);
   work(0);
   for (auto& t : pool) t.join();
-  blas.set(before);
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
 }
 
 struct Rows {
@@ -264,20 +276,32 @@ inline float sigmoid(float x) {
   return x >= 0.0f ? r : t * r;
 }
 
-// fn(begin, end) over [0, n) in `threads` contiguous parts.
+// fn(begin, end) over [0, n) in up to `threads` contiguous parts of at least `grain`;
+// an exception in any part is rethrown once all have stopped.
 template <class F>
-void parallel_range(size_t n, int threads, F&& fn) {
-  threads = std::max<int>(1, std::min<size_t>(threads, n / 4096 + 1));
+void parallel_range(size_t n, int threads, size_t grain, F&& fn) {
+  threads = std::max<int>(1, std::min<size_t>(threads, n / std::max<size_t>(grain, 1) + 1));
   size_t part = (n + threads - 1) / threads;
+  std::vector<std::exception_ptr> errors(threads);
+  auto work = [&](int w) {
+    try {
+      fn(std::min(n, w * part), std::min(n, (w + 1) * part));
+    } catch (...) {
+      errors[w] = std::current_exception();
+    }
+  };
   std::vector<std::thread> pool;
-  for (int w = 1; w < threads; ++w)
-    pool.emplace_back([&, w] { fn(std::min(n, w * part), std::min(n, (w + 1) * part)); });
-  fn(0, std::min(n, part));
+  for (int w = 1; w < threads; ++w) pool.emplace_back(work, w);
+  work(0);
   for (auto& t : pool) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
 }
 
+constexpr size_t kElementGrain = 4096;
+
 void swiglu_forward(size_t n, int threads, const float* gate, const float* up, float* out) {
-  parallel_range(n, threads, [&](size_t lo, size_t hi) {
+  parallel_range(n, threads, kElementGrain, [&](size_t lo, size_t hi) {
 #pragma omp simd
     for (size_t i = lo; i < hi; ++i) out[i] = gate[i] * sigmoid(gate[i]) * up[i];
   });
@@ -285,7 +309,7 @@ void swiglu_forward(size_t n, int threads, const float* gate, const float* up, f
 
 void swiglu_backward(size_t n, int threads, const float* gate, const float* up, const float* grad,
                      float* d_gate, float* d_up) {
-  parallel_range(n, threads, [&](size_t lo, size_t hi) {
+  parallel_range(n, threads, kElementGrain, [&](size_t lo, size_t hi) {
 #pragma omp simd
     for (size_t i = lo; i < hi; ++i) {
       float s = sigmoid(gate[i]), silu = gate[i] * s;
@@ -298,7 +322,7 @@ void swiglu_backward(size_t n, int threads, const float* gate, const float* up, 
 // Token log-probs of `rows` rows of `vocab` logits: logits[target] - logsumexp(logits).
 void logps_forward(int rows, int vocab, int threads, const float* logits, const int32_t* target,
                    float* logp, float* lse) {
-  parallel_range(rows, threads, [&](size_t lo, size_t hi) {
+  parallel_range(rows, threads, kElementGrain / vocab + 1, [&](size_t lo, size_t hi) {
     for (size_t r = lo; r < hi; ++r) {
       const float* x = logits + r * vocab;
       float top = -INFINITY, total = 0.0f;
@@ -307,7 +331,8 @@ void logps_forward(int rows, int vocab, int threads, const float* logits, const 
 #pragma omp simd reduction(+ : total)
       for (int c = 0; c < vocab; ++c) total += exp2_neg((x[c] - top) * kLog2e);
       lse[r] = top + std::log(total);
-      logp[r] = x[target[r]] - lse[r];
+      int t = target[r];  // a token the vocabulary does not have: NaN (the step is skipped)
+      logp[r] = (t >= 0 && t < vocab) ? x[t] - lse[r] : NAN;
     }
   });
 }
@@ -315,14 +340,14 @@ void logps_forward(int rows, int vocab, int threads, const float* logits, const 
 // d logits = grad * (onehot(target) - softmax(logits)).
 void logps_backward(int rows, int vocab, int threads, const float* logits, const int32_t* target,
                     const float* lse, const float* grad, float* d_logits) {
-  parallel_range(rows, threads, [&](size_t lo, size_t hi) {
+  parallel_range(rows, threads, kElementGrain / vocab + 1, [&](size_t lo, size_t hi) {
     for (size_t r = lo; r < hi; ++r) {
       const float *x = logits + r * vocab;
       float* d = d_logits + r * vocab;
       float shift = lse[r], g = grad[r];
 #pragma omp simd
       for (int c = 0; c < vocab; ++c) d[c] = -g * exp2_neg((x[c] - shift) * kLog2e);
-      d[target[r]] += g;
+      if (target[r] >= 0 && target[r] < vocab) d[target[r]] += g;
     }
   });
 }
@@ -382,10 +407,21 @@ Rows rows_of(const std::vector<mx::array>& in, size_t at) {
 
 Layout layout_of(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                  int window, int threads) {
-  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4 || q.shape(1) % k.shape(1) != 0)
-    throw std::invalid_argument("block attention: q (B, Hq, T, D), k/v (B, Hkv, T, D)");
+  bool ok = q.ndim() == 4 && k.ndim() == 4 && v.ndim() == 4 && q.shape(1) % k.shape(1) == 0 &&
+            k.shape() == mx::Shape({q.shape(0), k.shape(1), q.shape(2), q.shape(3)}) &&
+            v.shape(0) == q.shape(0) && v.shape(1) == k.shape(1) && v.shape(2) == q.shape(2);
+  if (!ok) throw std::invalid_argument("block attention: q (B, Hq, T, D), k/v (B, Hkv, T, D)");
   return {int(q.shape(0)), int(q.shape(1)), int(k.shape(1)), int(q.shape(2)), int(q.shape(3)),
           int(v.shape(3)), window, threads, scale};
+}
+
+void check_rows(const Layout& L, const mx::array& segment, const mx::array& parent,
+                const mx::array& position, const mx::array& ranges) {
+  for (auto* a : {&segment, &parent, &position})
+    if (a->ndim() != 1 || a->shape(0) != L.tokens)
+      throw std::invalid_argument("block attention: segment, parent, position: (T,) each");
+  if (ranges.ndim() != 2 || ranges.shape(1) != 3)
+    throw std::invalid_argument("block attention: ranges (blocks, 3)");
 }
 
 std::vector<mx::array> attention_forward(const mx::array& q, const mx::array& k,
@@ -394,6 +430,7 @@ std::vector<mx::array> attention_forward(const mx::array& q, const mx::array& k,
                                          const mx::array& ranges, float scale, int window,
                                          int threads) {
   Layout L = layout_of(q, k, v, scale, window, threads);
+  check_rows(L, segment, parent, position, ranges);
   return launch(
       "BlockAttention",
       {{L.batch, L.heads, L.tokens, L.value_dim}, {L.batch, L.heads, L.tokens, 1}},
@@ -410,6 +447,7 @@ std::vector<mx::array> attention_backward(const mx::array& q, const mx::array& k
                                           const mx::array& position, const mx::array& ranges,
                                           float scale, int window, int threads) {
   Layout L = layout_of(q, k, v, scale, window, threads);
+  check_rows(L, segment, parent, position, ranges);
   return launch(
       "BlockAttentionGrad", {q.shape(), k.shape(), v.shape()},
       {f32(q), f32(k), f32(v), f32(out), f32(lse), f32(d_out), i32(segment), i32(parent),
@@ -421,6 +459,7 @@ std::vector<mx::array> attention_backward(const mx::array& q, const mx::array& k
 }
 
 std::vector<mx::array> swiglu(const mx::array& gate, const mx::array& up, int threads) {
+  if (gate.shape() != up.shape()) throw std::invalid_argument("swiglu: gate and up differ");
   return launch("SwiGLU", {gate.shape()}, {f32(gate), f32(up)},
                 [threads](const std::vector<mx::array>& in, std::vector<mx::array>& out) {
                   swiglu_forward(in[0].size(), threads, F(in[0]), F(in[1]), F(out[0]));
@@ -429,6 +468,8 @@ std::vector<mx::array> swiglu(const mx::array& gate, const mx::array& up, int th
 
 std::vector<mx::array> swiglu_grad(const mx::array& gate, const mx::array& up,
                                    const mx::array& grad, int threads) {
+  if (gate.shape() != up.shape() || gate.shape() != grad.shape())
+    throw std::invalid_argument("swiglu_grad: gate, up and grad differ");
   return launch("SwiGLUGrad", {gate.shape(), up.shape()}, {f32(gate), f32(up), f32(grad)},
                 [threads](const std::vector<mx::array>& in, std::vector<mx::array>& out) {
                   swiglu_backward(in[0].size(), threads, F(in[0]), F(in[1]), F(in[2]),
