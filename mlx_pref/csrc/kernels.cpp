@@ -77,10 +77,29 @@ int workers_for(int threads, size_t items) {
   return blas.found() ? std::max(1, std::min<int>(threads, items)) : 1;
 }
 
-// Runs fn(item, worker) for items in the given order on `threads` workers (the calling
-// thread, MLX's stream, is worker 0). BLAS runs one thread per worker meanwhile: two
-// workers whose BLAS calls start two threads each wait on each other's spinning threads.
-// An exception in any worker is rethrown here once all have stopped.
+// Runs work(w) for w in [0, threads), w = 0 on the calling thread (MLX's stream), the
+// others on threads of their own; rethrows a worker's exception once all have stopped.
+template <class W>
+void on_threads(int threads, W&& work) {
+  std::vector<std::exception_ptr> errors(threads);
+  auto guarded = [&](int w) {
+    try {
+      work(w);
+    } catch (...) {
+      errors[w] = std::current_exception();
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int w = 1; w < threads; ++w) pool.emplace_back(guarded, w);
+  guarded(0);
+  for (auto& t : pool) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+// Runs fn(item, worker) for items in the given order on `threads` workers. BLAS runs one
+// thread per worker meanwhile: two workers whose BLAS calls start two threads each wait on
+// each other's spinning threads.
 template <class F>
 void parallel(const std::vector<int>& order, int threads, F&& fn) {
   static BlasThreads blas;
@@ -94,21 +113,9 @@ void parallel(const std::vector<int>& order, int threads, F&& fn) {
   } restore{blas.get()};
   blas.set(1);
   std::atomic<size_t> next{0};
-  std::vector<std::exception_ptr> errors(threads);
-  auto work = [&](int worker) {
-    try {
-      for (size_t i = next++; i < order.size(); i = next++) fn(order[i], worker);
-    } catch (...) {
-      errors[worker] = std::current_exception();
-      next = order.size();
-    }
-  };
-  std::vector<std::thread> pool;
-  for (int w = 1; w < threads; ++w) pool.emplace_back(work, w);
-  work(0);
-  for (auto& t : pool) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  on_threads(threads, [&](int worker) {
+    for (size_t i = next++; i < order.size(); i = next++) fn(order[i], worker);
+  });
 }
 
 struct Rows {
@@ -276,26 +283,12 @@ inline float sigmoid(float x) {
   return x >= 0.0f ? r : t * r;
 }
 
-// fn(begin, end) over [0, n) in up to `threads` contiguous parts of at least `grain`;
-// an exception in any part is rethrown once all have stopped.
+// fn(begin, end) over [0, n) in up to `threads` contiguous parts of at least `grain`.
 template <class F>
 void parallel_range(size_t n, int threads, size_t grain, F&& fn) {
   threads = std::max<int>(1, std::min<size_t>(threads, n / std::max<size_t>(grain, 1) + 1));
   size_t part = (n + threads - 1) / threads;
-  std::vector<std::exception_ptr> errors(threads);
-  auto work = [&](int w) {
-    try {
-      fn(std::min(n, w * part), std::min(n, (w + 1) * part));
-    } catch (...) {
-      errors[w] = std::current_exception();
-    }
-  };
-  std::vector<std::thread> pool;
-  for (int w = 1; w < threads; ++w) pool.emplace_back(work, w);
-  work(0);
-  for (auto& t : pool) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+  on_threads(threads, [&](int w) { fn(std::min(n, w * part), std::min(n, (w + 1) * part)); });
 }
 
 constexpr size_t kElementGrain = 4096;
