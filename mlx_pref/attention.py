@@ -30,6 +30,10 @@ from mlx_pref import native
 from mlx_pref.backend import attention_kernel, backend_name
 from mlx_pref.fastmath import LOG2E
 
+FUSED_MULTIPLE = 128
+"""MLX's CUDA fused attention has a backward pass only for query lengths that are multiples
+of 128 (``cuda/scaled_dot_product_attention.cpp``): the fused path pads to that."""
+
 QUERY_BLOCK = 64
 """Queries per attention block: each block sees only the keys its queries can see, so
 small blocks skip most masked-out scores (64: the fastest measured on the CPU)."""
@@ -108,11 +112,26 @@ class PackedAttention:
         return allowed
 
     def dense_mask(self) -> mx.array:
-        """The whole row's mask (T x T), for a fused attention kernel (built once)."""
+        """The whole row's mask for a fused attention kernel (built once), padded to a
+        multiple of ``FUSED_MULTIPLE``: padding keys are seen by no query, and each padding
+        query sees only itself (a row with no key would be NaN)."""
         if self._dense is None:
             n = len(self.segments.segment)
-            self._dense = self.mask(0, n, 0)[None, None]
+            total = -(-n // FUSED_MULTIPLE) * FUSED_MULTIPLE
+            real = mx.pad(self.mask(0, n, 0), [(0, total - n), (0, total - n)])
+            padding = mx.arange(total) >= n
+            own = mx.eye(total, dtype=mx.bool_) & padding[:, None]
+            self._dense = (real | own)[None, None]
         return self._dense
+
+    def _fused(self, queries: mx.array, keys: mx.array, values: mx.array, scale: float):
+        """MLX's fused attention over the row padded to a multiple of ``FUSED_MULTIPLE``
+        inside attention only: the rest of the model sees no padding tokens."""
+        n = queries.shape[2]
+        widths = [(0, 0), (0, 0), (0, -n % FUSED_MULTIPLE), (0, 0)]
+        q, k, v = (mx.pad(x, widths) for x in (queries, keys, values))
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=self.dense_mask())
+        return out[:, :, :n]
 
     def attend(
         self,
@@ -132,9 +151,7 @@ class PackedAttention:
             if kernel == "blocks" and backend_name() == "cpu" and native.load() is not None:
                 kernel = "native"
         if kernel == "fused":
-            return mx.fast.scaled_dot_product_attention(
-                queries, keys, values, scale=scale, mask=self.dense_mask()
-            )
+            return self._fused(queries, keys, values, scale)
         if kernel == "native":
             if self._ranges is None:
                 self._ranges = mx.array(np.asarray(self.ranges, np.int32).reshape(-1, 3))

@@ -183,12 +183,6 @@ def backend_name() -> str:
     return "gpu"
 
 
-def sequence_multiple() -> int:
-    """Pad sequence lengths to a multiple of this. MLX's CUDA fused attention has a
-    backward pass only for lengths that are multiples of 128; elsewhere 1 (no padding)."""
-    return 128 if backend_name() == "cuda" else 1
-
-
 def attention_kernel(backend: str, dtype: str, head_dim: int) -> str:
     """How training computes attention on ``backend``: ``fused`` where MLX has a fused
     attention with a fused backward, ``blocks`` (mlx-pref's block attention, memory
@@ -198,7 +192,7 @@ def attention_kernel(backend: str, dtype: str, head_dim: int) -> str:
     composes attention from matmuls and a softmax; Metal falls back to that composed form
     whenever gradients are taken (``if (is_training) return true``); CUDA runs cuDNN's fused
     forward and backward for float16/bfloat16 with head dimensions that are multiples of 8
-    up to 128, at query lengths that are multiples of 128 (rows are padded to that).
+    up to 128, at query lengths that are multiples of 128 (attention pads to that).
     """
     fused = backend == "cuda" and dtype in ("float16", "bfloat16")
     return "fused" if fused and head_dim % 8 == 0 and head_dim <= 128 else "blocks"

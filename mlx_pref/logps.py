@@ -20,7 +20,7 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_pref import attention, fastmath, native
-from mlx_pref.backend import backend_name, sequence_multiple
+from mlx_pref.backend import backend_name
 from mlx_pref.data.batching import Batch
 from mlx_pref.losses import (
     empty_rows,
@@ -304,7 +304,7 @@ def packed_logps(
         return None
     body, head = split
     fastmath.install(body)
-    packed = pack(batch, share_prompt, sequence_multiple())
+    packed = pack(batch, share_prompt)
     layout = attention.PackedAttention(packed.segments)
     positions = mx.array(packed.segments.position.astype(np.int32))
     caches = [attention.PackedContext(layout, positions) for _ in body.layers]

@@ -137,15 +137,6 @@ def test_wpo_log_sum_p2_and_ld_summaries_agree_across_layouts(model):
     np.testing.assert_allclose([ld_plain[0], ld_plain[3]], pair0, atol=TOL)
 
 
-@pytest.mark.parametrize("layout", ["padded", "packed"])
-def test_cuda_padding_to_multiples_of_128_changes_nothing(model, monkeypatch, layout):
-    batch = collate(PAIRS)
-    plain = np.asarray(sequence_logps(model, batch, layout=layout).sums)
-    monkeypatch.setattr("mlx_pref.logps.sequence_multiple", lambda: 128)
-    padded = sequence_logps(model, batch, layout=layout)
-    np.testing.assert_allclose(np.asarray(padded.sums), plain, atol=TOL)
-
-
 def test_packing_leaves_no_padding_and_runs_each_prompt_once():
     batch = collate(PAIRS)
     packed = pack(batch)
