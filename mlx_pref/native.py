@@ -7,7 +7,7 @@ the host inside a traced function instead keeps the whole forward graph alive (m
 MLX primitive in C++ (``csrc/kernels.cpp``), compiled here against the installed MLX
 with nanobind (the binding library MLX itself uses, whose internals an extension must
 share to pass arrays) and the system C++ compiler, once per MLX, nanobind, Python and
-source version, into ``cache_dir()/native``. Where anything is missing (no compiler, no
+source version, into ``kernel_dir()``. Where anything is missing (no compiler, no
 Python headers, a nanobind MLX was not built with), ``load`` returns None with the reason
 and attention runs in MLX as before; ``MLX_PREF_NATIVE=0`` turns it off.
 """
@@ -27,7 +27,7 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
-from mlx_pref.backend import blas_threads, cache_dir
+from mlx_pref.backend import blas_threads
 
 SOURCE = Path(__file__).parent / "csrc" / "kernels.cpp"
 NATIVE_ENV = "MLX_PREF_NATIVE"
@@ -37,6 +37,17 @@ _reason = ""
 def reason() -> str:
     """Why ``load`` returned None ("" when it did not, or was not called)."""
     return _reason
+
+
+def kernel_dir() -> Path:
+    """Where built kernels live: ``MLX_PREF_NATIVE_CACHE``, else ``~/.cache/mlx-pref/native``.
+    They belong to the machine, not to a run, so ``MLX_PREF_CACHE`` (which moves the
+    reference caches, and which tests point at folders of their own) does not move them."""
+    root = os.environ.get("MLX_PREF_NATIVE_CACHE")
+    if root:
+        return Path(root)
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return Path(home) / "mlx-pref" / "native"
 
 
 def _compiler() -> list[str] | None:
@@ -121,7 +132,7 @@ def load() -> ModuleType | None:
                 ]
             ).encode()  # fmt: skip
         ).hexdigest()[:16]
-        target = cache_dir() / "native" / key / f"_native{suffix}"
+        target = kernel_dir() / key / f"_native{suffix}"
         for attempt in range(2):  # a cached library that no longer loads is built again
             if not target.exists():
                 _build(compiler, nanobind_dir, mlx_dir, target)
@@ -144,7 +155,8 @@ def _build(compiler: list[str], nanobind_dir: Path, mlx_dir: Path, target: Path)
     process building at the same time writes the same bytes)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    print("mlx-pref: building the native CPU kernels (once, ~15 s)", file=sys.stderr)
+    if sys.stderr.isatty():  # a terminal's user waits; logs and error lines stay clean
+        print("mlx-pref: building the native CPU kernels (once, ~15 s)", file=sys.stderr)
     try:
         done = subprocess.run(
             _build_command(compiler, nanobind_dir, mlx_dir, partial),

@@ -161,7 +161,7 @@ def test_without_the_native_kernels_attention_runs_in_mlx(tmp_path, monkeypatch)
     and attention falls back to MLX's ops with the same values."""
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    monkeypatch.setattr(native, "cache_dir", lambda: blocker / "cache")
+    monkeypatch.setattr(native, "kernel_dir", lambda: blocker / "cache")
     monkeypatch.setattr(native, "load", native.load.__wrapped__)
     assert native.load() is None
     assert native.reason().startswith("the native kernels could not be built or loaded")
