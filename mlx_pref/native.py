@@ -14,6 +14,7 @@ and attention runs in MLX as before; ``MLX_PREF_NATIVE=0`` turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -23,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -58,7 +60,8 @@ def _compiler() -> list[str] | None:
     return [found] if found else None
 
 
-def _build_command(compiler: list[str], nanobind_dir: Path, mlx_dir: Path, out: Path) -> list[str]:
+def _build_command(compiler: list[str], nanobind_dir: Path, mlx_dir: Path) -> list[str]:
+    """The compile and link command, less its ``-o OUTPUT``."""
     python_include = sysconfig.get_paths()["include"]
     return [
         *compiler, "-O3", "-march=native", "-fopenmp-simd", "-std=c++20", "-shared", "-fPIC",
@@ -67,7 +70,7 @@ def _build_command(compiler: list[str], nanobind_dir: Path, mlx_dir: Path, out: 
         f"-I{python_include}", f"-I{mlx_dir / 'include'}", f"-I{nanobind_dir / 'include'}",
         f"-I{nanobind_dir / 'ext' / 'robin_map' / 'include'}",
         str(nanobind_dir / "src" / "nb_combined.cpp"), str(SOURCE),
-        f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}", "-o", str(out),
+        f"-L{mlx_dir / 'lib'}", "-lmlx", f"-Wl,-rpath,{mlx_dir / 'lib'}",
     ]  # fmt: skip
 
 
@@ -117,57 +120,42 @@ def load() -> ModuleType | None:
     mlx_dir, nanobind_dir = Path(mlx.__path__[0]), Path(nanobind.__file__).parent
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     try:
-        command = _build_command(compiler, nanobind_dir, mlx_dir, Path("OUT"))
+        command = _build_command(compiler, nanobind_dir, mlx_dir)
         version = subprocess.run([*compiler, "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256(
-            "|".join(
-                [
-                    SOURCE.read_text(),
-                    mx.__version__,
-                    nanobind.__version__,
-                    sys.version,
-                    " ".join(command),
-                    version,
-                    _machine(),
-                ]
-            ).encode()  # fmt: skip
-        ).hexdigest()[:16]
+        parts = [SOURCE.read_text(), mx.__version__, nanobind.__version__, sys.version,
+                 " ".join(command), version, _machine()]  # fmt: skip
+        key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
         target = kernel_dir() / key / f"_native{suffix}"
-        for attempt in range(2):  # a cached library that no longer loads is built again
-            if not target.exists():
-                _build(compiler, nanobind_dir, mlx_dir, target)
-            try:
-                module = _import(target)
-                _check(module, mx)
-                return module
-            except (ImportError, OSError, AttributeError, TypeError, ValueError, RuntimeError):
-                if attempt:
-                    raise
-                target.unlink(missing_ok=True)
+        if not target.exists():
+            _build(command, target)
+        module = _import(target)
+        _check(module, mx)
+        return module
     except Exception as e:  # noqa: BLE001 (any failure: say why, and run MLX's ops instead)
         _reason = f"the native kernels could not be built or loaded: {e}"
         return None
-    return None
 
 
-def _build(compiler: list[str], nanobind_dir: Path, mlx_dir: Path, target: Path) -> None:
-    """Compile into a file of this process's own, then rename it into place (atomic: a
-    process building at the same time writes the same bytes)."""
+def _build(command: list[str], target: Path) -> None:
+    """Compile into a file this call creates beside ``target``, then move it into place
+    unless another process has put its own build there first (nothing is overwritten)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    partial = Path(name)
     if sys.stderr.isatty():  # a terminal's user waits; logs and error lines stay clean
         print("mlx-pref: building the native CPU kernels (once, ~15 s)", file=sys.stderr)
     try:
         done = subprocess.run(
-            _build_command(compiler, nanobind_dir, mlx_dir, partial),
-            capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            [*command, "-o", str(partial)], capture_output=True, text=True, timeout=600
+        )
         if done.returncode != 0:
             last = (done.stderr.strip().splitlines() or ["?"])[-1]
             raise RuntimeError(f"the compiler failed: {last}")
-        os.replace(partial, target)
+        with contextlib.suppress(FileExistsError):  # another process built it first
+            os.link(partial, target)  # never replaces a file
     finally:
-        partial.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)  # the file mkstemp created for this call
 
 
 def _check(module: ModuleType, mx) -> None:
@@ -180,9 +168,11 @@ def _check(module: ModuleType, mx) -> None:
         raise ValueError(f"self-check returned {out.item()} instead of 3.0")
 
 
+@cache
 def threads() -> int:
     """Worker threads for the kernels: one per core, one when the machine is already busy
-    (``backend.blas_threads``'s rule, which ``MLX_PREF_BLAS_THREADS`` overrides)."""
+    (``backend.blas_threads``'s rule, which ``MLX_PREF_BLAS_THREADS`` overrides), decided
+    once per process like OpenBLAS's own count."""
     value = os.environ.get("OPENBLAS_NUM_THREADS", "").strip()  # set by load_fast_blas too
     if value.isdigit() and int(value) > 0:
         return int(value)

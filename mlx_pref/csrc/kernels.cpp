@@ -121,17 +121,18 @@ void parallel(const std::vector<int>& order, int threads, F&& fn) {
 struct Rows {
   const int32_t *segment, *parent, *position, *ranges;
   int blocks;
+  // Query-key pairs of block `blk` (its queries times the keys they can reach).
+  int64_t cost(int blk) const {
+    const int32_t* b = ranges + 3 * blk;
+    return int64_t(b[1] - b[0]) * (b[1] - b[2]);
+  }
 };
 
-// Block items (batch, kv head, block), largest first.
-std::vector<int> items(const Layout& L, const Rows& r) {
-  std::vector<int> order(L.batch * L.kv_heads * r.blocks);
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  auto cost = [&](int i) {
-    const int32_t* b = r.ranges + 3 * (i % r.blocks);
-    return int64_t(b[1] - b[0]) * (b[1] - b[2]);
-  };
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return cost(a) > cost(b); });
+// The query blocks, largest first (for load balance).
+std::vector<int> by_cost(const Rows& r) {
+  std::vector<int> order(r.blocks);
+  for (int i = 0; i < r.blocks; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return r.cost(a) > r.cost(b); });
   return order;
 }
 
@@ -149,6 +150,20 @@ void visible(const Layout& L, const Rows& r, int lo, int n, int first, int keys,
   }
 }
 
+// Query block `blk` of kv head h in batch row b: queries lo..lo+n, the keys first..first+keys
+// they can reach (from row kv0 of k and v), and which of those each query sees.
+struct Block {
+  int lo, n, first, keys;
+  size_t kv0;
+  std::vector<uint8_t> mask;
+  Block(const Layout& L, const Rows& r, int b, int h, int blk)
+      : lo(r.ranges[3 * blk]), n(r.ranges[3 * blk + 1] - lo), first(r.ranges[3 * blk + 2]),
+        keys(lo + n - first), kv0(size_t(b * L.kv_heads + h) * L.tokens + first),
+        mask(size_t(n) * keys) {
+    visible(L, r, lo, n, first, keys, mask.data());
+  }
+};
+
 // Scores of one head's block in base 2: s = (q . k) * scale * log2(e).
 void scores(const Layout& L, const float* q, const float* k, int n, int keys, float* s) {
   cblas_sgemm(kRowMajor, kNoTrans, kTrans, n, keys, L.dim, L.scale * kLog2e, q, L.dim, k, L.dim,
@@ -157,24 +172,24 @@ void scores(const Layout& L, const float* q, const float* k, int n, int keys, fl
 
 void forward(const Layout& L, const Rows& r, const float* q, const float* k, const float* v,
              float* out, float* lse) {
-  auto order = items(L, r);
-  int g = L.heads / L.kv_heads;
+  int g = L.heads / L.kv_heads, heads = L.batch * L.kv_heads;
+  std::vector<int> order;  // (kv head, block) items, the largest blocks first
+  for (int blk : by_cost(r))
+    for (int head = 0; head < heads; ++head) order.push_back(head * r.blocks + blk);
   parallel(order, workers_for(L.threads, order.size()), [&](int item, int) {
-    int blk = item % r.blocks, h = (item / r.blocks) % L.kv_heads, b = item / r.blocks / L.kv_heads;
-    int lo = r.ranges[3 * blk], hi = r.ranges[3 * blk + 1], first = r.ranges[3 * blk + 2];
-    int n = hi - lo, keys = hi - first;
-    std::vector<uint8_t> mask(size_t(n) * keys);
+    int head = item / r.blocks, b = head / L.kv_heads, h = head % L.kv_heads;
+    Block blk(L, r, b, h, item % r.blocks);
+    int lo = blk.lo, n = blk.n, keys = blk.keys;
+    const uint8_t* mask = blk.mask.data();
     std::vector<float> s(size_t(n) * keys);
-    visible(L, r, lo, n, first, keys, mask.data());
-    const float* kb = k + (size_t(b * L.kv_heads + h) * L.tokens + first) * L.dim;
-    const float* vb = v + (size_t(b * L.kv_heads + h) * L.tokens + first) * L.value_dim;
+    const float *kb = k + blk.kv0 * L.dim, *vb = v + blk.kv0 * L.value_dim;
     for (int j = 0; j < g; ++j) {
       size_t row0 = size_t(b * L.heads + h * g + j) * L.tokens + lo;
       scores(L, q + row0 * L.dim, kb, n, keys, s.data());
       std::vector<float> inv(n);  // rows are normalized after the product with V
       for (int i = 0; i < n; ++i) {
         float* si = s.data() + size_t(i) * keys;
-        const uint8_t* mi = mask.data() + size_t(i) * keys;
+        const uint8_t* mi = mask + size_t(i) * keys;
         float top = -INFINITY;
 #pragma omp simd reduction(max : top)
         for (int c = 0; c < keys; ++c) top = std::max(top, mi[c] ? si[c] : -INFINITY);
@@ -203,12 +218,11 @@ void block_backward(const Layout& L, const Rows& r, int b, int h, int blk, const
                     const float* k, const float* v, const float* out, const float* lse,
                     const float* d_out, float* dq, float* dk, float* dv) {
   int g = L.heads / L.kv_heads;
-  int lo = r.ranges[3 * blk], hi = r.ranges[3 * blk + 1], first = r.ranges[3 * blk + 2];
-  int n = hi - lo, keys = hi - first;
-  std::vector<uint8_t> mask(size_t(n) * keys);
+  Block block(L, r, b, h, blk);
+  int lo = block.lo, n = block.n, keys = block.keys;
+  size_t kv0 = block.kv0;
+  const uint8_t* mask = block.mask.data();
   std::vector<float> p(size_t(n) * keys), ds(size_t(n) * keys);
-  visible(L, r, lo, n, first, keys, mask.data());
-  size_t kv0 = size_t(b * L.kv_heads + h) * L.tokens + first;
   const float *kb = k + kv0 * L.dim, *vb = v + kv0 * L.value_dim;
   for (int j = 0; j < g; ++j) {
     size_t row0 = size_t(b * L.heads + h * g + j) * L.tokens + lo;
@@ -224,7 +238,7 @@ void block_backward(const Layout& L, const Rows& r, int b, int h, int blk, const
         delta += dob[size_t(i) * L.value_dim + c] * ob[size_t(i) * L.value_dim + c];
       float shift = lse[row0 + i];
       float *pi = p.data() + size_t(i) * keys, *di = ds.data() + size_t(i) * keys;
-      const uint8_t* mi = mask.data() + size_t(i) * keys;
+      const uint8_t* mi = mask + size_t(i) * keys;
 #pragma omp simd
       for (int c = 0; c < keys; ++c) {
         float pc = mi[c] ? exp2_neg(pi[c] - shift) : 0.0f;
@@ -254,13 +268,10 @@ void backward(const Layout& L, const Rows& r, const float* q, const float* k, co
   std::vector<float> dk1(kv_size * L.dim, 0.0f), dv1(kv_size * L.value_dim, 0.0f);
   std::vector<int> lane_of(r.blocks);
   int64_t load[2] = {0, 0};
-  Layout one_head = L;
-  one_head.batch = one_head.kv_heads = 1;
-  for (int blk : items(one_head, r)) {
-    const int32_t* at = r.ranges + 3 * blk;
+  for (int blk : by_cost(r)) {
     int lane = load[1] < load[0];
     lane_of[blk] = lane;
-    load[lane] += int64_t(at[1] - at[0]) * (at[1] - at[2]);
+    load[lane] += r.cost(blk);
   }
   std::vector<int> lanes(2 * L.batch * L.kv_heads);
   for (size_t i = 0; i < lanes.size(); ++i) lanes[i] = i;
